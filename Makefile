@@ -1,0 +1,41 @@
+# Two commands do all set-up: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+TORCH  := torch==2.13.0
+
+.PHONY: demo test lint format bench clean
+
+$(VENV)/.base:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.base pyproject.toml
+	$(PY) -m pip install -q $(TORCH) -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.base pyproject.toml
+	$(PY) -m pip install -q $(TORCH) -e '.[dev]'
+	touch $@ $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) -m qviz.cli fetch
+	$(PY) -m qviz.cli diagnose --bits 2,3,4,8
+
+test: $(VENV)/.dev
+	$(VENV)/bin/ruff check qviz tests bench
+	$(VENV)/bin/ruff format --check qviz tests bench
+	$(PY) -m qviz.cli fetch
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+bench: $(VENV)/.installed
+	$(PY) -m qviz.cli bench quant
+
+lint format:
+	$(VENV)/bin/ruff format qviz tests bench
+	$(VENV)/bin/ruff check --fix qviz tests bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info

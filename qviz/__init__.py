@@ -1,0 +1,24 @@
+"""qviz: see how post-training weight quantization breaks a language model from the inside."""
+
+from qviz.models import load_model
+from qviz.quant import (
+    QTensor,
+    QuantConfig,
+    QuantPlan,
+    dequantize,
+    footprint,
+    quantize,
+    quantized,
+)
+
+__version__ = "0.1.0"
+__all__ = [
+    "QTensor",
+    "QuantConfig",
+    "QuantPlan",
+    "dequantize",
+    "footprint",
+    "load_model",
+    "quantize",
+    "quantized",
+]

@@ -1,0 +1,103 @@
+"""The ``qviz`` command line: fetch, diagnose, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+DEFAULT_PROMPT = "The capital of France is"
+
+
+def _bits(text: str) -> list[int]:
+    try:
+        return [int(b) for b in text.split(",") if b.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            f"--bits takes a comma list of ints like 2,3,4,8, got {text!r}"
+        ) from err
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from qviz.models.load import ensure_embedded
+
+    print(ensure_embedded(args.model))
+    return 0
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    """Per bit-width: top-1 next token, target probability and rank, weight memory."""
+    import torch
+
+    from qviz.models import load_model
+    from qviz.quant import QuantConfig, QuantPlan, footprint, quantized
+
+    model, tok = load_model(args.model)
+    ids = tok(args.prompt, return_tensors="pt").input_ids.to(model.device)
+    target_ids = tok(args.target, add_special_tokens=False).input_ids
+    if len(target_ids) != 1:
+        print(
+            f"error: target {args.target!r} is {len(target_ids)} tokens "
+            f"{[tok.decode([t]) for t in target_ids]}; give a single-token target",
+            file=sys.stderr,
+        )
+        return 2
+    rows = []
+    plans = [("fp", QuantPlan.none())] + [
+        (str(b), QuantPlan.uniform(QuantConfig(bits=b, group_size=args.group_size)))
+        for b in args.bits
+    ]
+    for label, plan in plans:
+        with quantized(model, plan), torch.no_grad():
+            probs = model(ids).logits[0, -1].float().softmax(-1)
+        p = probs[target_ids[0]].item()
+        rows.append(
+            {
+                "bits": label,
+                "top1": tok.decode([int(probs.argmax())]),
+                "p_target": round(p, 4),
+                "rank": int((probs > probs[target_ids[0]]).sum()) + 1,
+                "MiB": round(footprint(model, plan).bytes / 2**20, 1),
+                "bits/weight": round(footprint(model, plan).effective_bits, 3),
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        import pandas as pd
+
+        print(f"prompt {args.prompt!r}  target {args.target!r}  model {args.model}")
+        print(pd.DataFrame(rows).to_string(index=False))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from qviz import bench
+
+    return bench.run(args.what, model=args.model)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qviz", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("fetch", help="fetch and convert the embedded model into the cache")
+    p.add_argument("--model", default="smollm2-135m")
+    p.set_defaults(func=cmd_fetch)
+    p = sub.add_parser("diagnose", help="per bit-width: top-1 answer, target probability, memory")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--bits", type=_bits, default=[2, 3, 4, 8])
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--target", default=" Paris")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_diagnose)
+    p = sub.add_parser("bench", help="benchmarks that print ratios against a same-run baseline")
+    p.add_argument("what", choices=["quant"])
+    p.add_argument("--model", default="smollm2-135m")
+    p.set_defaults(func=cmd_bench)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

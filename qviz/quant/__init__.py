@@ -1,0 +1,20 @@
+"""Weight quantization: configs, primitives, the engine and memory accounting."""
+
+from qviz.quant.config import QuantConfig, QuantPlan
+from qviz.quant.engine import QuantEngine, engine_for, quantized
+from qviz.quant.memory import Footprint, footprint
+from qviz.quant.primitives import QTensor, dequantize, fake_quantize, quantize
+
+__all__ = [
+    "Footprint",
+    "QTensor",
+    "QuantConfig",
+    "QuantEngine",
+    "QuantPlan",
+    "dequantize",
+    "engine_for",
+    "fake_quantize",
+    "footprint",
+    "quantize",
+    "quantized",
+]

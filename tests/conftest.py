@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny models built in-process, and the embedded SmolLM2-135M (session-wide)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(cfg).eval().requires_grad_(False)
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=97, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    return GPT2LMHeadModel(cfg).eval().requires_grad_(False)
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def tiny_model(request):
+    return tiny_llama() if request.param == "llama" else tiny_gpt2()
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """(model, tokenizer) of the embedded SmolLM2-135M, float32 on CPU."""
+    from qviz.models import load_model
+
+    return load_model("smollm2-135m", device="cpu")
