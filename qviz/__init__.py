@@ -1,5 +1,7 @@
 """qviz: see how post-training weight quantization breaks a language model from the inside."""
 
+from qviz import metrics
+from qviz.lab import Lab
 from qviz.models import load_model
 from qviz.quant import (
     QTensor,
@@ -13,6 +15,8 @@ from qviz.quant import (
 
 __version__ = "0.1.0"
 __all__ = [
+    "metrics",
+    "Lab",
     "QTensor",
     "QuantConfig",
     "QuantPlan",

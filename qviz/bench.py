@@ -62,7 +62,43 @@ def bench_quant(model_name: str = "smollm2-135m") -> None:
     )
 
 
-BENCHES = {"quant": bench_quant}
+def bench_compare(model_name: str = "smollm2-135m") -> None:
+    """A full compare() (plan cached, activations not) vs one reference + one quantized forward."""
+    import torch
+
+    from qviz import Lab, QuantConfig, QuantPlan, metrics
+
+    lab = Lab.load(model_name)
+    prompt = "The Eiffel Tower is located in the city of"
+    plan = QuantPlan.uniform(QuantConfig(bits=4))
+    lab.engine.materialize(plan)
+    ids = lab.encode(prompt)
+
+    def plain():
+        with torch.no_grad():
+            for p in (QuantPlan.none(), plan):
+                with lab.quantized(p):
+                    lab.model(ids, use_cache=False)
+
+    def full():
+        lab._acts.clear()
+        lab.compare(prompt, " Paris", plan)
+
+    plain()
+    full()
+    t_plain, t_full = _median_time(plain), _median_time(full)
+    print(f"qviz bench compare: {model_name}, {ids.shape[1]} tokens, 4-bit plan cached")
+    print(
+        f"  compare() {t_full * 1e3:.1f} ms | 2 plain forwards {t_plain * 1e3:.1f} ms "
+        f"| ratio {t_full / t_plain:.2f}x (target <= 2x)"
+    )
+    cap = lab.activations(prompt, plan)
+    t_cka = _median_time(lambda: metrics.cka_matrix(cap.resid, cap.resid), repeat=20)
+    n = cap.resid.shape[0]
+    print(f"  CKA of all {n}x{n} layer pairs alone: {t_cka * 1e3:.2f} ms (target <= 10 ms)")
+
+
+BENCHES = {"quant": bench_quant, "compare": bench_compare}
 
 
 def run(what: str, model: str = "smollm2-135m") -> int:

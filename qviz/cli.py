@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_diagnose)
     p = sub.add_parser("bench", help="benchmarks that print ratios against a same-run baseline")
-    p.add_argument("what", choices=["quant"])
+    p.add_argument("what", choices=["quant", "compare"])
     p.add_argument("--model", default="smollm2-135m")
     p.set_defaults(func=cmd_bench)
     args = parser.parse_args(argv)

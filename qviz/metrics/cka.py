@@ -1,0 +1,120 @@
+"""Linear CKA (centered kernel alignment) between every pair of reference/quantized layers.
+
+Biased estimator: Kornblith et al. 2019, HSIC of centered linear Gram matrices.
+Unbiased estimator: Nguyen et al. 2021, the U-statistic HSIC of Song et al. 2012.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = ["cka_matrix"]
+
+Estimator = Literal["biased", "unbiased"]
+
+# a layer counts as zero-variance when HSIC(X, X) <= (rtol * mean_i ||x_i||^2)^2, i.e. its
+# centered second moment is below ~rtol of its raw one: float64 round-off of a constant
+_DEGENERATE_RTOL = 1e-16
+
+
+def _grams(x: list[Tensor] | Tensor) -> tuple[Tensor, Tensor]:
+    """Linear Gram matrices of feature-centered activations: [L, N, D] -> float64 [L, N, N].
+
+    Also returns each layer's raw second moment mean_i ||x_i||^2 [L] (a scale for round-off).
+    A list of L tensors [N, D_l] may mix feature widths; a single [N, D] gives L = 1.
+    """
+    if isinstance(x, (list, tuple)):
+        if not x:
+            raise ValueError("cka_matrix needs at least one layer")
+        if len({tuple(t.shape) for t in x}) > 1:  # mixed widths: one Gram per layer
+            parts = [_grams(t.reshape(t.shape[0], -1)[None]) for t in x]
+            return torch.cat([g for g, _ in parts]), torch.cat([m for _, m in parts])
+        x = torch.stack(list(x))
+    if x.dim() == 2:
+        x = x.unsqueeze(0)
+    if x.dim() != 3:
+        raise ValueError(f"expected activations [L, N, D], got shape {tuple(x.shape)}")
+    x = x.detach().to(torch.float64)
+    moment = (x * x).sum(dim=2).mean(dim=1)
+    x = x - x.mean(dim=1, keepdim=True)  # linear kernel: (HX)(HX)^T = H K H
+    return x @ x.transpose(1, 2), moment
+
+
+def _hsic_biased(k: Tensor, m: Tensor) -> Tensor:
+    """All-pairs biased HSIC of centered Grams k [A, N, N], m [B, N, N] -> [A, B]."""
+    n = k.shape[-1]
+    return torch.einsum("anm,bnm->ab", k, m) / (n - 1) ** 2
+
+
+def _hsic_unbiased(k: Tensor, m: Tensor) -> Tensor:
+    """All-pairs unbiased HSIC (Song et al. 2012) of Grams k [A, N, N], m [B, N, N] -> [A, B]."""
+    n = k.shape[-1]
+    eye = torch.eye(n, dtype=torch.bool, device=k.device)
+    k = k.masked_fill(eye, 0.0)
+    m = m.masked_fill(eye, 0.0)
+    trace = torch.einsum("anm,bnm->ab", k, m)  # tr(K~ L~), both symmetric
+    rk, rm = k.sum(dim=2), m.sum(dim=2)  # K~ 1, L~ 1: [A, N], [B, N]
+    sums = torch.outer(rk.sum(dim=1), rm.sum(dim=1))  # 1^T K~ 1 * 1^T L~ 1
+    cross = rk @ rm.T  # 1^T K~ L~ 1
+    return (trace + sums / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * cross) / (n * (n - 3))
+
+
+def _self_hsic(g: Tensor, estimator: Estimator) -> Tensor:
+    """HSIC(X, X) for each layer of Grams g [L, N, N] -> [L] (no all-pairs product)."""
+    n = g.shape[-1]
+    if estimator == "biased":
+        return (g * g).sum(dim=(1, 2)) / (n - 1) ** 2
+    g = g.masked_fill(torch.eye(n, dtype=torch.bool, device=g.device), 0.0)
+    r = g.sum(dim=2)  # [L, N]
+    s = r.sum(dim=1)
+    trace = (g * g).sum(dim=(1, 2))
+    return (trace + s * s / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (r * r).sum(dim=1)) / (
+        n * (n - 3)
+    )
+
+
+def _degenerate(self_hsic: Tensor, moment: Tensor) -> Tensor:
+    """Layers whose HSIC(X, X) is (numerically) zero: [L] bool."""
+    return self_hsic <= (_DEGENERATE_RTOL * moment) ** 2
+
+
+def cka_matrix(
+    ref: list[Tensor] | Tensor,
+    quant: list[Tensor] | Tensor,
+    estimator: Estimator = "biased",
+) -> Tensor:
+    """Linear CKA between every reference layer (rows) and every quantized layer (columns).
+
+    ref: [La, N, D1] (or a list of La tensors [N, D_l]); quant: [Lb, N, D2], same N samples.
+    Returns float64 [La, Lb] (typically [L+1, L+1]). Layers with zero variance get CKA 0 and a
+    RuntimeWarning. The unbiased estimator needs N >= 4.
+    """
+    if estimator not in ("biased", "unbiased"):
+        raise ValueError(f"estimator must be 'biased' or 'unbiased', got {estimator!r}")
+    (kx, mx), (ky, my) = _grams(ref), _grams(quant)
+    if kx.shape[1] != ky.shape[1]:
+        raise ValueError(f"ref has {kx.shape[1]} samples but quant has {ky.shape[1]}")
+    n = kx.shape[1]
+    if estimator == "unbiased" and n < 4:
+        raise ValueError(f"the unbiased HSIC estimator needs n >= 4 samples, got n={n}")
+    if estimator == "biased" and n < 2:
+        raise ValueError(f"CKA needs n >= 2 samples, got n={n}")
+    ky, my = ky.to(kx.device), my.to(kx.device)
+    hsic = _hsic_biased if estimator == "biased" else _hsic_unbiased
+    cross = hsic(kx, ky)  # [La, Lb], one einsum over all pairs
+    sx, sy = _self_hsic(kx, estimator), _self_hsic(ky, estimator)
+    bad_x, bad_y = _degenerate(sx, mx), _degenerate(sy, my)
+    if bad_x.any() or bad_y.any():
+        warnings.warn(
+            f"zero-variance activations (ref layers {bad_x.nonzero().flatten().tolist()}, "
+            f"quant layers {bad_y.nonzero().flatten().tolist()}): their CKA is set to 0",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    denom = torch.sqrt(torch.outer(sx.clamp_min(0), sy.clamp_min(0)))
+    bad = bad_x[:, None] | bad_y[None, :]
+    return torch.where(bad, torch.zeros_like(cross), cross / torch.where(bad, 1.0, denom))

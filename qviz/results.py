@@ -1,0 +1,182 @@
+"""Result objects: plain dataclasses of numpy arrays with ``.to_frame()``; no plotting here.
+
+Layer index 0 is the residual stream entering decoder layer 0 (the embedding output), index i
+the output of decoder layer i; per-layer component statistics are indexed by decoder layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+
+@dataclass
+class LayerMap:
+    """values: [L+1, L+1] linear CKA, row = reference layer, column = quantized layer."""
+
+    values: np.ndarray
+    n_samples: int
+    estimator: str
+
+    def to_frame(self) -> pd.DataFrame:
+        r, q = np.indices(self.values.shape)
+        return pd.DataFrame(
+            {"ref_layer": r.ravel(), "quant_layer": q.ravel(), "cka": self.values.ravel()}
+        )
+
+    @property
+    def diagonal(self) -> np.ndarray:
+        return np.diag(self.values)
+
+
+@dataclass
+class LensCurve:
+    """Per state [L+1]: target probability, rank (1 = top) and logit; top-5 tokens per state."""
+
+    prob: np.ndarray
+    rank: np.ndarray
+    logit: np.ndarray
+    top_tokens: list[list[str]]
+
+
+@dataclass
+class LensTrajectory:
+    """Logit lens of the target at the last position, reference vs quantized."""
+
+    reference: LensCurve
+    quantized: LensCurve
+    target: str
+
+    def to_frame(self) -> pd.DataFrame:
+        rows = []
+        for model, c in (("reference", self.reference), ("quantized", self.quantized)):
+            for i in range(len(c.prob)):
+                rows.append(
+                    {
+                        "model": model,
+                        "layer": i,
+                        "prob": c.prob[i],
+                        "rank": int(c.rank[i]),
+                        "logit": c.logit[i],
+                        "top1": c.top_tokens[i][0],
+                    }
+                )
+        return pd.DataFrame(rows)
+
+
+@dataclass
+class AttentionStats:
+    """[L, H]: normalized entropy of both patterns, and their JS divergence."""
+
+    ref_entropy: np.ndarray
+    quant_entropy: np.ndarray
+    js: np.ndarray
+
+    def to_frame(self) -> pd.DataFrame:
+        layer, head = np.indices(self.js.shape)
+        return pd.DataFrame(
+            {
+                "layer": layer.ravel(),
+                "head": head.ravel(),
+                "ref_entropy": self.ref_entropy.ravel(),
+                "quant_entropy": self.quant_entropy.ravel(),
+                "js": self.js.ravel(),
+            }
+        )
+
+
+@dataclass
+class FFNStats:
+    """[L]: gate sign flip rate, Jaccard of the top-1% neurons, cosine of the MLP outputs."""
+
+    flip_rate: np.ndarray
+    jaccard: np.ndarray
+    out_cosine: np.ndarray
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                "layer": np.arange(len(self.flip_rate)),
+                "flip_rate": self.flip_rate,
+                "jaccard": self.jaccard,
+                "out_cosine": self.out_cosine,
+            }
+        )
+
+
+@dataclass
+class ResidualStats:
+    """[L+1]: cosine similarity and relative L2 error of the residual stream."""
+
+    cosine: np.ndarray
+    rel_l2: np.ndarray
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(
+            {"layer": np.arange(len(self.cosine)), "cosine": self.cosine, "rel_l2": self.rel_l2}
+        )
+
+
+@dataclass
+class Verdict:
+    """mode: "healthy" | "signal degradation" | "computation collapse"; evidence: named figures."""
+
+    mode: str
+    evidence: dict = field(default_factory=dict)
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame([{"mode": self.mode, **self.evidence}])
+
+
+@dataclass
+class Comparison:
+    """Everything ``Lab.compare`` measures for one plan against full precision."""
+
+    plan_label: str
+    prompts: list[str]
+    cka: LayerMap
+    lens: LensTrajectory
+    attention: AttentionStats
+    ffn: FFNStats
+    residual: ResidualStats
+    verdict: Verdict
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per decoder-layer output (1..L): the per-layer figures side by side."""
+        n = len(self.ffn.flip_rate)
+        idx = np.arange(1, n + 1)
+        return pd.DataFrame(
+            {
+                "plan": self.plan_label,
+                "layer": idx,
+                "cka_diag": self.cka.diagonal[idx],
+                "resid_cosine": self.residual.cosine[idx],
+                "resid_rel_l2": self.residual.rel_l2[idx],
+                "lens_prob_ref": self.lens.reference.prob[idx],
+                "lens_prob_quant": self.lens.quantized.prob[idx],
+                "lens_rank_quant": self.lens.quantized.rank[idx],
+                "attn_entropy_quant": self.attention.quant_entropy.mean(1),
+                "attn_js": self.attention.js.mean(1),
+                "gate_flip_rate": self.ffn.flip_rate,
+                "top1pct_jaccard": self.ffn.jaccard,
+                "mlp_out_cosine": self.ffn.out_cosine,
+            }
+        )
+
+
+@dataclass
+class Evaluation:
+    """Fact-recall accuracy; ``failure_subset``: indices reference-right, quantized-wrong."""
+
+    plan_label: str
+    accuracy: float
+    reference_accuracy: float
+    mean_rank: float
+    reference_correct: list[int]
+    failure_subset: list[int]
+    frame: pd.DataFrame
+
+    def to_frame(self) -> pd.DataFrame:
+        return self.frame
