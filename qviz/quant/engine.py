@@ -13,7 +13,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -65,7 +65,10 @@ def targets(
 def quantize_weight(w: torch.Tensor, layout: str, cfg: QuantConfig, name: str) -> torch.Tensor:
     """Fake-quantize one weight along its input dimension, whatever its layout."""
     if cfg.method != "rtn":
-        raise NotImplementedError(f"method={cfg.method!r} is not available in this engine yet")
+        raise NotImplementedError(
+            f"method={cfg.method!r} needs calibration data: use QuantEngine.materialize "
+            "(or qviz.quant.gptq.gptq_materialize), not quantize_weight"
+        )
     if layout == "in_out":
         return fake_quantize(w.t(), cfg, name).t().contiguous()
     return fake_quantize(w, cfg, name)
@@ -85,9 +88,14 @@ class QuantEngine:
     """
 
     def __init__(
-        self, model: nn.Module, adapter: Adapter | None = None, budget_bytes: int = DEFAULT_BUDGET
+        self,
+        model: nn.Module,
+        adapter: Adapter | None = None,
+        budget_bytes: int = DEFAULT_BUDGET,
+        tokenizer=None,
     ) -> None:
         self.model = model
+        self.tokenizer = tokenizer  # for GPTQ calibration; found from the model's path if None
         self.adapter = adapter or get_adapter(model)
         self.budget_bytes = int(budget_bytes)
         self.lock = threading.RLock()
@@ -131,7 +139,10 @@ class QuantEngine:
             if plan in self._cache:
                 self._cache.move_to_end(plan)
             else:
-                weights = {t.name: quantize_weight(w, t.layout, c, t.name) for t, c, w in items}
+                if any(c.method == "gptq" for _, c, _ in items):
+                    weights = self._materialize_gptq(plan, items)
+                else:
+                    weights = {t.name: quantize_weight(w, t.layout, c, t.name) for t, c, w in items}
                 self.materializations += 1
                 self._cache[plan] = weights
                 self._sizes[plan] = sum(w.numel() * w.element_size() for w in weights.values())
@@ -145,6 +156,42 @@ class QuantEngine:
         with self.lock:
             self._cache.clear()
             self._sizes.clear()
+
+    def _materialize_gptq(self, plan: QuantPlan, items) -> dict[str, torch.Tensor]:
+        """GPTQ over the decoder layers (bundled calibration text, verified disk cache) on the
+        original weights; embeddings (if the plan has them) by round-to-nearest."""
+        from qviz.quant.gptq import cached_gptq_materialize, calibration_ids
+
+        calib = calibration_ids(
+            self._calibration_tokenizer(),
+            n_seq=int(os.environ.get("QVIZ_GPTQ_NSEQ", 128)),
+            seq_len=int(os.environ.get("QVIZ_GPTQ_SEQLEN", 256)),
+            vocab_size=getattr(getattr(self.model, "config", None), "vocab_size", None),
+        )
+        current = {t.name: t.param.data for t, _, _ in items}
+        try:  # run calibration on the originals even inside another plan's block
+            for t, _, w in items:
+                t.param.data = w
+            weights = cached_gptq_materialize(self.model, self.adapter, plan, calib)
+        finally:
+            for t, _, _ in items:
+                t.param.data = current[t.name]
+        for t, c, w in items:
+            if t.name not in weights:  # embeddings: no Hessian for them, round-to-nearest
+                weights[t.name] = quantize_weight(w, t.layout, replace(c, method="rtn"), t.name)
+        return weights
+
+    def _calibration_tokenizer(self):
+        if self.tokenizer is None:
+            path = getattr(getattr(self.model, "config", None), "_name_or_path", "")
+            if path:
+                try:
+                    from transformers import AutoTokenizer
+
+                    self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+                except Exception:  # no tokenizer at hand: byte-level calibration ids
+                    self.tokenizer = None
+        return self.tokenizer
 
     @property
     def cached_plans(self) -> list[QuantPlan]:

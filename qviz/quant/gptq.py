@@ -1,0 +1,342 @@
+"""GPTQ (Frantar et al. 2022): second-order weight quantization with error feedback.
+
+``gptq_quantize`` quantizes one [out, in] weight given the Hessian proxy H = 2/N * X^T X of its
+inputs; ``gptq_materialize`` runs it layer by layer over a model's decoder layers on calibration
+inputs (each layer fed the outputs of the already quantized layers before it);
+``cached_gptq_materialize`` keeps the results on disk, verified by a content hash.
+
+Group scale/zero follow ``primitives``: column j belongs to group j // group_size (ragged last
+group), with the same ``_scale_zero`` and rounding formula as round-to-nearest; they are computed
+from the error-updated weights of the whole group when its first column is reached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qviz.models.arch import Adapter, weight_layout
+from qviz.quant.config import QuantConfig, QuantPlan
+from qviz.quant.primitives import _scale_zero, fake_quantize, group_size_for
+
+BLOCKSIZE = 128
+
+
+# one weight ------------------------------------------------------------------------------------
+def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, float64; retries more damping."""
+    n = H.shape[0]
+    eye = torch.eye(n, dtype=H.dtype, device=H.device)
+    mean = H.diagonal().mean()
+    for k in range(6):
+        L, info = torch.linalg.cholesky_ex(H + damp * 10**k * mean * eye)
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info == 0:
+                return U
+    raise RuntimeError("GPTQ: the Hessian is not positive definite even after extra damping")
+
+
+def gptq_quantize(
+    w: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, blocksize: int = BLOCKSIZE
+) -> torch.Tensor:
+    """GPTQ-quantize ``w`` [out, in] with Hessian ``H`` [in, in]; returns dequantized w' (new
+    tensor of w's dtype and device). ``w`` and ``H`` are never modified."""
+    if w.ndim != 2 or H.shape != (w.shape[1], w.shape[1]):
+        raise ValueError(f"expected w [out, in] and H [in, in], got {tuple(w.shape)}, {H.shape}")
+    n_in = w.shape[1]
+    g = group_size_for(cfg, n_in)
+    qmax = 2**cfg.bits - 1
+    W = w.detach().float().clone()
+    H = H.detach().to(torch.float64, copy=True).to(w.device)
+
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    if cfg.act_order:
+        perm = torch.argsort(H.diagonal(), descending=True)
+    else:
+        perm = torch.arange(n_in, device=w.device)
+    invperm = torch.argsort(perm)
+    W = W[:, perm]
+    H = H[perm][:, perm]
+    Hinv = _inverse_cholesky(H, cfg.damp).float()
+
+    group_of = (perm // g).tolist()  # group of each permuted position
+    scale = torch.empty(W.shape[0], (n_in + g - 1) // g, device=w.device)
+    zero = torch.empty_like(scale)
+    done = set()
+    Q = torch.empty_like(W)
+
+    for i1 in range(0, n_in, blocksize):
+        i2 = min(i1 + blocksize, n_in)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = group_of[i1 + i]
+            if j not in done:  # first column of group j: its scale/zero from current weights
+                pos = invperm[j * g : min((j + 1) * g, n_in)]
+                inside = pos < i2  # (every member is at a position >= i1 + i: unquantized)
+                cur = torch.empty(W.shape[0], pos.numel(), device=w.device)
+                cur[:, inside] = W1[:, pos[inside] - i1]
+                out = pos[~inside]
+                if out.numel():  # apply the lazy updates still pending from this block
+                    cur[:, ~inside] = W[:, out] - Err1[:, :i] @ Hinv[i1 : i1 + i, out]
+                s, z = _scale_zero(cur, cfg)
+                scale[:, j], zero[:, j] = s[:, 0], z[:, 0]
+                done.add(j)
+            s, z = scale[:, j], zero[:, j]
+            col = W1[:, i]
+            q = torch.sub(col, z).div_(s).round_().clamp_(0, qmax).mul_(s).add_(z)
+            Q[:, i1 + i] = q
+            err = (col - q) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    return Q[:, invperm].to(w.dtype)
+
+
+# a model -------------------------------------------------------------------------------------
+class _Captured(Exception):
+    pass
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _capture_inputs(model: nn.Module, layer0: nn.Module, calib_ids: torch.Tensor, batch: int):
+    """[(hidden states, kwargs)] of decoder layer 0, one per batch of calibration sequences."""
+    chunks = []
+
+    def hook(_mod, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        chunks.append((hidden.detach(), dict(kwargs), tuple(args[1:])))
+        raise _Captured
+
+    handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, calib_ids.shape[0], batch):
+            try:
+                model(calib_ids[start : start + batch], use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return chunks
+
+
+def gptq_materialize(
+    model: nn.Module,
+    adapter: Adapter,
+    plan: QuantPlan,
+    calib_ids: torch.Tensor,
+    progress: bool = True,
+    batch: int = 16,
+) -> dict[str, torch.Tensor]:
+    """{name: dequantized weight} of every decoder Linear ``plan`` quantizes, computed
+    sequentially (GPTQ for gptq configs, round-to-nearest for rtn ones). Every parameter is left
+    exactly as it was (its ``.data`` is swapped temporarily and restored)."""
+    from tqdm.auto import tqdm
+
+    layers = adapter.decoder_layers(model)
+    plan.check_layers(len(layers))
+    device = next(model.parameters()).device
+    calib_ids = calib_ids.to(device)
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        chunks = _capture_inputs(model, layers[0], calib_ids, batch)
+        for i in tqdm(range(len(layers)), desc="GPTQ", disable=not progress):
+            layer, cfg = layers[i], plan.config_for(i)
+            mods = {rel: layer.get_submodule(rel) for rel in adapter.linears}
+            new: dict[str, torch.Tensor] = {}
+            if cfg is not None and cfg.method == "gptq":
+                hess = _hessians(layer, mods, chunks)
+                for rel, mod in mods.items():
+                    w = mod.weight.data
+                    w2 = w.t() if weight_layout(mod) == "in_out" else w
+                    q = gptq_quantize(w2, hess[rel].to(w.device), cfg)
+                    new[rel] = q.t().contiguous() if weight_layout(mod) == "in_out" else q
+            elif cfg is not None:
+                for rel, mod in mods.items():
+                    w = mod.weight.data
+                    if weight_layout(mod) == "in_out":
+                        new[rel] = fake_quantize(w.t(), cfg, rel).t().contiguous()
+                    else:
+                        new[rel] = fake_quantize(w, cfg, rel)
+            for rel, q in new.items():
+                out[f"{adapter.layers}.{i}.{rel}"] = q
+            if i + 1 < len(layers):
+                chunks = _run_layer(layer, {mods[r]: q for r, q in new.items()}, chunks)
+    return out
+
+
+def _hessians(layer: nn.Module, mods: dict[str, nn.Module], chunks) -> dict[str, torch.Tensor]:
+    """H = 2/N * sum x x^T (float64) of each Linear's inputs over the calibration chunks."""
+    acc: dict[str, list] = {}
+
+    def make(rel):
+        def hook(_mod, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+            if rel not in acc:
+                acc[rel] = [torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64), 0]
+            acc[rel][0] += (x.t() @ x).cpu()
+            acc[rel][1] += x.shape[0]
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make(rel)) for rel, m in mods.items()]
+    try:
+        for hidden, kwargs, args in chunks:
+            layer(hidden, *args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return {rel: h * (2 / n) for rel, (h, n) in acc.items()}
+
+
+def _run_layer(layer: nn.Module, weights: dict[nn.Module, torch.Tensor], chunks):
+    """The layer's outputs on ``chunks`` with ``weights`` swapped in (restored in finally)."""
+    saved = {m: m.weight.data for m in weights}
+    try:
+        for m, q in weights.items():
+            m.weight.data = q
+        return [(_first(layer(h, *a, **kw)).detach(), kw, a) for h, kw, a in chunks]
+    finally:
+        for m, w in saved.items():
+            m.weight.data = w
+
+
+# calibration ---------------------------------------------------------------------------------
+def _token_ids(tokenizer, text: str, vocab_size: int | None) -> list[int]:
+    if tokenizer is None:  # byte-level fallback (tiny test models without a tokenizer)
+        return [b % (vocab_size or 256) for b in text.encode()]
+    if hasattr(tokenizer, "encode"):
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    return list(tokenizer(text)["input_ids"])
+
+
+def calibration_ids(
+    tokenizer,
+    text: str | None = None,
+    n_seq: int = 128,
+    seq_len: int = 256,
+    seed: int = 0,
+    vocab_size: int | None = None,
+) -> torch.Tensor:
+    """[n_seq, seq_len] int64 windows of ``text`` (default: the bundled prose) at positions drawn
+    by a torch.Generator seeded with ``seed``. ``tokenizer=None``: bytes mod ``vocab_size``."""
+    if text is None:
+        from qviz.lab import load_text
+
+        text = load_text()
+    ids = _token_ids(tokenizer, text, vocab_size)
+    if not ids:
+        raise ValueError("calibration text is empty")
+    while len(ids) < seq_len:
+        ids = ids + ids
+    ids_t = torch.tensor(ids, dtype=torch.long)
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(ids) - seq_len + 1, (n_seq,), generator=gen)
+    return torch.stack([ids_t[s : s + seq_len] for s in starts.tolist()])
+
+
+# disk cache ----------------------------------------------------------------------------------
+def _sha(t: torch.Tensor) -> str:
+    t = t.detach().cpu().contiguous()
+    return hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def model_fingerprint(model: nn.Module, samples: int = 64) -> str:
+    """model_type + sha256 of every parameter's name, shape, dtype and a few strided samples."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda x: x[0]):
+        flat = p.detach().reshape(-1)
+        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+        h.update(_sha(flat[:: max(1, flat.numel() // samples)][:samples].float()).encode())
+    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    return f"{model_type}-{h.hexdigest()}"
+
+
+def cache_key(model: nn.Module, plan: QuantPlan, calib_ids: torch.Tensor) -> str:
+    ids = calib_ids.to(torch.long)
+    raw = json.dumps([model_fingerprint(model), repr(plan), _sha(ids), list(ids.shape)])
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def cache_path(model: nn.Module, plan: QuantPlan, calib_ids: torch.Tensor) -> Path:
+    from qviz.models.load import cache_dir
+
+    return cache_dir() / "gptq" / f"{cache_key(model, plan, calib_ids)}.safetensors"
+
+
+def _contents_sha(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}{_sha(t)}".encode())
+    return h.hexdigest()
+
+
+def save_cache(path: Path, key: str, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file(cpu, str(tmp), metadata={"key": key, "sha256": _contents_sha(cpu)})
+    os.replace(tmp, path)
+
+
+def load_cache(path: Path, key: str) -> dict[str, torch.Tensor] | None:
+    """The cached tensors, or None when missing, unreadable, for another key or corrupt."""
+    if not path.exists():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # truncated or garbled file
+        warnings.warn(f"GPTQ cache {path} is unreadable ({err}); rebuilding it", stacklevel=2)
+        return None
+    if meta.get("key") != key or meta.get("sha256") != _contents_sha(tensors):
+        warnings.warn(f"GPTQ cache {path} failed verification; rebuilding it", stacklevel=2)
+        return None
+    return tensors
+
+
+def cached_gptq_materialize(
+    model: nn.Module,
+    adapter: Adapter,
+    plan: QuantPlan,
+    calib_ids: torch.Tensor,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """``gptq_materialize`` through the verified disk cache."""
+    key = cache_key(model, plan, calib_ids)
+    path = cache_path(model, plan, calib_ids)
+    loaded = load_cache(path, key)
+    if loaded is not None:
+        out = {}
+        for k, v in loaded.items():
+            ref = model.get_submodule(k).weight
+            out[k] = v.to(device=ref.device, dtype=ref.dtype)
+        return out
+    weights = gptq_materialize(model, adapter, plan, calib_ids, progress=progress)
+    try:
+        save_cache(path, key, weights)
+    except OSError as err:
+        warnings.warn(f"could not write GPTQ cache {path}: {err}", stacklevel=2)
+    return weights
