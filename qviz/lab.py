@@ -52,6 +52,8 @@ class Lab:
         self.tokenizer = tokenizer
         self.adapter = get_adapter(model)
         self.engine = engine_for(model)
+        if self.engine.tokenizer is None:
+            self.engine.tokenizer = tokenizer  # GPTQ calibrates on text tokenized like the prompts
         self.name = name or getattr(model.config, "name_or_path", "model")
         self._acts: dict[tuple[str, QuantPlan], Capture] = {}
         self._acts_lock = threading.Lock()
