@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Sequence
 from contextlib import contextmanager
-from importlib import resources
 
 import numpy as np
 import pandas as pd
 import torch
 
+from qviz.data import load_facts, load_text
 from qviz.models.arch import get_adapter
 from qviz.models.load import load_model
 from qviz.probes.capture import Capture, capture
@@ -26,18 +25,8 @@ from qviz.results import (
     LensCurve,
     LensTrajectory,
     ResidualStats,
+    Verdict,
 )
-
-
-def load_facts() -> list[dict]:
-    """The bundled factual-recall prompts: dicts with relation, prompt, answer."""
-    text = resources.files("qviz.data").joinpath("facts.jsonl").read_text()
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-def load_text() -> str:
-    """The bundled prose (for perplexity and calibration), written for this project."""
-    return resources.files("qviz.data").joinpath("text.txt").read_text()
 
 
 class Lab:
@@ -164,12 +153,14 @@ class Lab:
         residual = ResidualStats(cos.numpy(), rel.numpy())
         n = self.n_layers
         mid = slice(n // 3, max(n // 3 + 1, 2 * n // 3))
-        verdict = metrics.verdict(
-            cka.values.diagonal(),
-            int(lens.reference.rank[-1]),
-            int(lens.quantized.rank[-1]),
-            ffn.flip_rate,
-            float(ent_q[mid].mean()),
+        verdict = Verdict(
+            *metrics.verdict(
+                cka.values.diagonal(),
+                int(lens.reference.rank[-1]),
+                int(lens.quantized.rank[-1]),
+                ffn.flip_rate,
+                float(ent_q[mid].mean()),
+            )
         )
         return Comparison(plan.label, prompts, cka, lens, attention, ffn, residual, verdict)
 

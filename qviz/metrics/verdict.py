@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from qviz.results import Verdict
-
 COLLAPSE_CKA = 0.5  # mean CKA diagonal over layers below this: "goes dark"
 HEALTHY_CKA = 0.95  # mean CKA diagonal at least this (and the answer keeps its rank): healthy
 COLLAPSE_RANK = 1000  # the study: "rank in the thousands"
@@ -30,8 +28,11 @@ def verdict(
     quant_rank: int,
     flip_rate: np.ndarray,
     quant_entropy_mid: float,
-) -> Verdict:
-    """cka_diag [L+1]; ranks at the last layer; flip_rate [L]; mean entropy of middle layers."""
+) -> tuple[str, dict]:
+    """cka_diag [L+1]; ranks at the last layer; flip_rate [L]; mean entropy of middle layers.
+
+    Returns (mode, evidence); metrics know no result classes, the Lab wraps them in a Verdict.
+    """
     cka_mean = float(np.mean(cka_diag[1:]))
     max_flip = float(np.max(flip_rate))
     signs = {
@@ -54,4 +55,4 @@ def verdict(
         mode = "signal degradation"
     else:
         mode = "healthy"
-    return Verdict(mode, evidence)
+    return mode, evidence

@@ -237,7 +237,7 @@ def calibration_ids(
     """[n_seq, seq_len] int64 windows of ``text`` (default: the bundled prose) at positions drawn
     by a torch.Generator seeded with ``seed``. ``tokenizer=None``: bytes mod ``vocab_size``."""
     if text is None:
-        from qviz.lab import load_text
+        from qviz.data import load_text
 
         text = load_text()
     ids = _token_ids(tokenizer, text, vocab_size)
