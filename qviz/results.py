@@ -180,3 +180,115 @@ class Evaluation:
 
     def to_frame(self) -> pd.DataFrame:
         return self.frame
+
+
+@dataclass
+class PatchGrid:
+    """Causal tracing over (decoder layer l, position t), target probability at the last position.
+
+    prob: [L, T] target probability with the activation at (l, t) patched. ``direction`` is
+    "restore" (reference activation into the quantized run) or "corrupt" (the reverse).
+    recovery: [L, T] = (prob - p_quantized) / (p_reference - p_quantized), or None when the
+    denominator is below ``eps`` (the plan does not change the target's probability);
+    ``recovery_note`` then says so. ``window``: layers patched together, centred on l.
+    """
+
+    prob: np.ndarray
+    recovery: np.ndarray | None
+    recovery_note: str
+    p_reference: float
+    p_quantized: float
+    tokens: list[str]
+    target: str
+    component: str
+    direction: str
+    window: int
+    plan_label: str
+
+    @property
+    def defined(self) -> bool:
+        return self.recovery is not None
+
+    @property
+    def best_recovery(self) -> float:
+        """Largest recovery over all cells (NaN when undefined)."""
+        return float(np.max(self.recovery)) if self.recovery is not None else float("nan")
+
+    def to_frame(self) -> pd.DataFrame:
+        layer, pos = np.indices(self.prob.shape)
+        rec = self.recovery if self.recovery is not None else np.full(self.prob.shape, np.nan)
+        return pd.DataFrame(
+            {
+                "layer": layer.ravel(),
+                "position": pos.ravel(),
+                "token": [self.tokens[t] for t in pos.ravel()],
+                "prob": self.prob.ravel(),
+                "recovery": rec.ravel(),
+            }
+        )
+
+
+@dataclass
+class Isolation:
+    """Each quantized decoder layer fed the reference input ("perfect input" test).
+
+    cosine, rel_error: [L] mean token cosine and relative L2 error between the quantized layer's
+    output and the reference layer's output on the same (reference) input.
+    """
+
+    cosine: np.ndarray
+    rel_error: np.ndarray
+    plan_label: str
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                "layer": np.arange(len(self.cosine)),
+                "cosine": self.cosine,
+                "rel_error": self.rel_error,
+            }
+        )
+
+
+@dataclass
+class RepairReport:
+    """The study's repair table on one plan's Failure Subset (accuracies in [0, 1]).
+
+    amplification: accuracy per alpha; domino: accuracy of only_layers(range(k)) per k.
+    """
+
+    plan_label: str
+    n_failures: int
+    baseline: float
+    protected: float
+    protect_label: str
+    peak_layer: int
+    amplification: dict[float, float]
+    domino: dict[int, float]
+
+    @property
+    def best_alpha(self) -> float:
+        return max(self.amplification, key=lambda a: self.amplification[a])
+
+    def to_frame(self) -> pd.DataFrame:
+        rows = [
+            {"repair": "none", "setting": self.plan_label, "accuracy": self.baseline},
+            {
+                "repair": "source protection",
+                "setting": self.protect_label,
+                "accuracy": self.protected,
+            },
+        ]
+        rows += [
+            {
+                "repair": "amplification",
+                "setting": f"alpha={a:g} at layer {self.peak_layer}",
+                "accuracy": v,
+            }
+            for a, v in self.amplification.items()
+        ]
+        rows += [
+            {"repair": "domino", "setting": f"first {k} layers quantized", "accuracy": v}
+            for k, v in self.domino.items()
+        ]
+        return pd.DataFrame(rows)
