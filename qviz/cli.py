@@ -77,6 +77,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench.run(args.what, model=args.model)
 
 
+def bench_registry() -> dict:
+    from qviz.bench import BENCHES
+
+    return BENCHES
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qviz", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -92,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_diagnose)
     p = sub.add_parser("bench", help="benchmarks that print ratios against a same-run baseline")
-    p.add_argument("what", choices=["quant", "compare"])
+    p.add_argument("what", choices=sorted(bench_registry()))
     p.add_argument("--model", default="smollm2-135m")
     p.set_defaults(func=cmd_bench)
     args = parser.parse_args(argv)
