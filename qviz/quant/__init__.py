@@ -2,11 +2,13 @@
 
 from qviz.quant.config import QuantConfig, QuantPlan
 from qviz.quant.engine import QuantEngine, engine_for, quantized
+from qviz.quant.gptq import GPTQCancelled
 from qviz.quant.memory import Footprint, footprint
 from qviz.quant.primitives import QTensor, dequantize, fake_quantize, quantize
 
 __all__ = [
     "Footprint",
+    "GPTQCancelled",
     "QTensor",
     "QuantConfig",
     "QuantEngine",

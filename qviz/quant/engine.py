@@ -11,7 +11,7 @@ import os
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
@@ -131,8 +131,17 @@ class QuantEngine:
                 self._stamp = {t.name: _stamp(t, w) for t, _, w in items}
                 return
 
-    def materialize(self, plan: QuantPlan) -> dict[str, torch.Tensor]:
-        """The plan's dequantized weights {name: tensor}, from the cache or computed now."""
+    def materialize(
+        self,
+        plan: QuantPlan,
+        cancel: threading.Event | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The plan's dequantized weights {name: tensor}, from the cache or computed now.
+
+        ``cancel`` and ``on_progress(done, total)`` reach GPTQ (see ``gptq_materialize``); a
+        cancelled run raises ``GPTQCancelled`` and caches nothing.
+        """
         with self.lock:
             items = self._originals(plan)
             self._check_stamps(items)
@@ -140,7 +149,7 @@ class QuantEngine:
                 self._cache.move_to_end(plan)
             else:
                 if any(c.method == "gptq" for _, c, _ in items):
-                    weights = self._materialize_gptq(plan, items)
+                    weights = self._materialize_gptq(plan, items, cancel, on_progress)
                 else:
                     weights = {t.name: quantize_weight(w, t.layout, c, t.name) for t, c, w in items}
                 self.materializations += 1
@@ -157,7 +166,9 @@ class QuantEngine:
             self._cache.clear()
             self._sizes.clear()
 
-    def _materialize_gptq(self, plan: QuantPlan, items) -> dict[str, torch.Tensor]:
+    def _materialize_gptq(
+        self, plan: QuantPlan, items, cancel=None, on_progress=None
+    ) -> dict[str, torch.Tensor]:
         """GPTQ over the decoder layers (bundled calibration text, verified disk cache) on the
         original weights; embeddings (if the plan has them) by round-to-nearest."""
         from qviz.quant.gptq import cached_gptq_materialize, calibration_ids
@@ -172,7 +183,9 @@ class QuantEngine:
         try:  # run calibration on the originals even inside another plan's block
             for t, _, w in items:
                 t.param.data = w
-            weights = cached_gptq_materialize(self.model, self.adapter, plan, calib)
+            weights = cached_gptq_materialize(
+                self.model, self.adapter, plan, calib, cancel=cancel, on_progress=on_progress
+            )
         finally:
             for t, _, _ in items:
                 t.param.data = current[t.name]

@@ -15,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,6 +28,10 @@ from qviz.quant.config import QuantConfig, QuantPlan
 from qviz.quant.primitives import _scale_zero, fake_quantize, group_size_for
 
 BLOCKSIZE = 128
+
+
+class GPTQCancelled(RuntimeError):
+    """Raised when a GPTQ run is cancelled; the model is left exactly as it was."""
 
 
 # one weight ------------------------------------------------------------------------------------
@@ -143,10 +149,16 @@ def gptq_materialize(
     calib_ids: torch.Tensor,
     progress: bool = True,
     batch: int = 16,
+    cancel: threading.Event | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """{name: dequantized weight} of every decoder Linear ``plan`` quantizes, computed
     sequentially (GPTQ for gptq configs, round-to-nearest for rtn ones). Every parameter is left
-    exactly as it was (its ``.data`` is swapped temporarily and restored)."""
+    exactly as it was (its ``.data`` is swapped temporarily and restored).
+
+    ``cancel``: when set, stops before the next layer with ``GPTQCancelled``.
+    ``on_progress(done, total)``: called after each decoder layer (e.g. an app's progress bar).
+    """
     from tqdm.auto import tqdm
 
     layers = adapter.decoder_layers(model)
@@ -157,6 +169,8 @@ def gptq_materialize(
     with torch.no_grad():
         chunks = _capture_inputs(model, layers[0], calib_ids, batch)
         for i in tqdm(range(len(layers)), desc="GPTQ", disable=not progress):
+            if cancel is not None and cancel.is_set():
+                raise GPTQCancelled(f"GPTQ cancelled before decoder layer {i} of {len(layers)}")
             layer, cfg = layers[i], plan.config_for(i)
             mods = {rel: layer.get_submodule(rel) for rel in adapter.linears}
             new: dict[str, torch.Tensor] = {}
@@ -178,28 +192,42 @@ def gptq_materialize(
                 out[f"{adapter.layers}.{i}.{rel}"] = q
             if i + 1 < len(layers):
                 chunks = _run_layer(layer, {mods[r]: q for r, q in new.items()}, chunks)
+            if on_progress is not None:
+                on_progress(i + 1, len(layers))
     return out
 
 
 def _hessians(layer: nn.Module, mods: dict[str, nn.Module], chunks) -> dict[str, torch.Tensor]:
-    """H = 2/N * sum x x^T (float64) of each Linear's inputs over the calibration chunks."""
+    """H = 2/N * sum x x^T of each Linear's inputs over the calibration chunks.
+
+    Linears that read the same tensor (q/k/v, gate/up) share one product; each chunk's product
+    is taken in float32 (as the GPTQ reference does) and summed in float64.
+    """
     acc: dict[str, list] = {}
+    seen: dict[int, torch.Tensor] = {}  # per chunk: input tensor id -> its x^T x
 
     def make(rel):
         def hook(_mod, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+            x = args[0].detach()
+            key = id(x)
+            if key not in seen:
+                flat = x.reshape(-1, x.shape[-1]).float()
+                seen[key] = ((flat.t() @ flat).double().cpu(), flat.shape[0], x)
+            xtx, n, _ = seen[key]
             if rel not in acc:
-                acc[rel] = [torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64), 0]
-            acc[rel][0] += (x.t() @ x).cpu()
-            acc[rel][1] += x.shape[0]
+                acc[rel] = [torch.zeros_like(xtx), 0]
+            acc[rel][0] += xtx
+            acc[rel][1] += n
 
         return hook
 
     handles = [m.register_forward_pre_hook(make(rel)) for rel, m in mods.items()]
     try:
         for hidden, kwargs, args in chunks:
+            seen.clear()  # the stored tensor keeps its id unique while this chunk runs
             layer(hidden, *args, **kwargs)
     finally:
+        seen.clear()
         for h in handles:
             h.remove()
     return {rel: h * (2 / n) for rel, (h, n) in acc.items()}
@@ -323,8 +351,10 @@ def cached_gptq_materialize(
     plan: QuantPlan,
     calib_ids: torch.Tensor,
     progress: bool = True,
+    cancel: threading.Event | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """``gptq_materialize`` through the verified disk cache."""
+    """``gptq_materialize`` through the verified disk cache (a cancelled run writes nothing)."""
     key = cache_key(model, plan, calib_ids)
     path = cache_path(model, plan, calib_ids)
     loaded = load_cache(path, key)
@@ -334,7 +364,9 @@ def cached_gptq_materialize(
             ref = model.get_submodule(k).weight
             out[k] = v.to(device=ref.device, dtype=ref.dtype)
         return out
-    weights = gptq_materialize(model, adapter, plan, calib_ids, progress=progress)
+    weights = gptq_materialize(
+        model, adapter, plan, calib_ids, progress=progress, cancel=cancel, on_progress=on_progress
+    )
     try:
         save_cache(path, key, weights)
     except OSError as err:
