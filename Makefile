@@ -23,8 +23,16 @@ $(VENV)/.dev: $(VENV)/.base pyproject.toml
 demo: $(VENV)/.installed
 	$(PY) -m qviz.cli fetch
 	$(PY) -m qviz.cli diagnose --bits 2,3,4,8
+	$(PY) -m qviz.cli serve --model smollm2-135m
 
-test: $(VENV)/.dev
+# Debian's chromium drives the browser tests (Playwright's own download does not work offline);
+# without it (no root, no apt) the browser tests skip and say why.
+$(VENV)/.chromium: $(VENV)/.base
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium) \
+		|| echo "chromium could not be installed: browser tests will skip"
+	touch $@
+
+test: $(VENV)/.dev $(VENV)/.chromium
 	$(VENV)/bin/ruff check qviz tests bench
 	$(VENV)/bin/ruff format --check qviz tests bench
 	$(PY) -m qviz.cli fetch

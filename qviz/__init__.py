@@ -14,6 +14,17 @@ from qviz.quant import (
 )
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``qviz.views`` and ``qviz.widgets`` import Panel/ipywidgets on first use only."""
+    if name in ("views", "widgets", "app"):
+        import importlib
+
+        return importlib.import_module(f"qviz.{name}")
+    raise AttributeError(f"module 'qviz' has no attribute {name!r}")
+
+
 __all__ = [
     "metrics",
     "Lab",

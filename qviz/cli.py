@@ -1,4 +1,4 @@
-"""The ``qviz`` command line: fetch, diagnose, bench."""
+"""The ``qviz`` command line: fetch, diagnose, serve, report, bench."""
 
 from __future__ import annotations
 
@@ -71,6 +71,49 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The Dashboard via Panel's server (bound to 127.0.0.1 unless --address says otherwise)."""
+    from qviz.app import serve
+
+    serve(model=args.model, port=args.port, address=args.address, show=args.show)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """A standalone HTML report (inline resources); --png exports screenshots of it."""
+    from pathlib import Path
+
+    from qviz.app import build_report, export_pngs
+    from qviz.lab import Lab
+
+    lab = Lab.load(args.model)
+    try:
+        text = build_report(
+            lab,
+            args.bits,
+            prompt=args.prompt,
+            target=args.target,
+            group_size=args.group_size or None,
+            n_facts=args.facts,
+            trace=args.trace,
+        )
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.output)
+    out.write_text(text, encoding="utf-8")
+    print(f"wrote {out} ({len(text) / 2**20:.1f} MiB)")
+    if args.png:
+        try:
+            paths = export_pngs(out, Path(args.png), args.bits)
+        except RuntimeError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 3
+        for p in paths:
+            print(f"wrote {p}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from qviz import bench
 
@@ -97,6 +140,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", default=" Paris")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_diagnose)
+    p = sub.add_parser("serve", help="the dashboard in the browser (Panel server)")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--port", type=int, default=5006)
+    p.add_argument("--address", default="127.0.0.1", help="interface to bind (default local)")
+    p.add_argument("--show", action="store_true", help="open a browser tab")
+    p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("report", help="standalone HTML report of every view per bit-width")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--bits", type=_bits, default=[2, 3, 4, 8])
+    p.add_argument("--group-size", type=int, default=128, help="0 = per output channel")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--target", default=" Paris")
+    p.add_argument("--facts", type=int, default=60, help="facts per accuracy point (0 = skip)")
+    p.add_argument("--trace", action="store_true", help="include causal tracing (slow)")
+    p.add_argument("-o", "--output", default="report.html")
+    p.add_argument("--png", metavar="DIR", help="also export PNG screenshots (needs chromium)")
+    p.set_defaults(func=cmd_report)
     p = sub.add_parser("bench", help="benchmarks that print ratios against a same-run baseline")
     p.add_argument("what", choices=sorted(bench_registry()))
     p.add_argument("--model", default="smollm2-135m")

@@ -1,0 +1,545 @@
+"""Result -> bokeh figure, as pure functions; figures are built once and updated in place.
+
+Every view is a :class:`Plot`: the figure (or column of figures), its named
+``ColumnDataSource`` objects and the models that mark the selected layer. ``*_data`` functions
+turn a result object into the plain dict a source holds; ``update_*`` functions assign that
+dict to ``source.data`` (and move ranges and markers), so a slider move never rebuilds a
+figure. Layer convention: ``selected`` is a decoder layer ``l``; views indexed by residual state
+(CKA, logit lens) mark state ``l + 1``, the output of layer ``l``.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+
+import numpy as np
+from bokeh.layouts import column
+from bokeh.models import (
+    BasicTicker,
+    ColorBar,
+    ColumnDataSource,
+    HoverTool,
+    LinearColorMapper,
+    Model,
+    Range1d,
+    Span,
+    Title,
+)
+from bokeh.palettes import Cividis256, Viridis256
+from bokeh.plotting import figure
+
+from qviz.results import (
+    AttentionStats,
+    Comparison,
+    FFNStats,
+    LayerMap,
+    LensTrajectory,
+    PatchGrid,
+    Verdict,
+)
+
+SEVERE_FLIP = 0.30  # the study's "severe" gate sign flip rate (qviz.metrics.verdict)
+SELECT_COLOR = "#e4572e"
+REF_COLOR = "#4c72b0"
+QUANT_COLOR = "#dd8452"
+TOOLS = "tap,reset,save"
+
+
+@dataclass
+class Plot:
+    """A built view: ``root`` to display, ``sources`` to update, ``markers`` of the selection."""
+
+    root: Model
+    sources: dict[str, ColumnDataSource]
+    markers: list[Span] = field(default_factory=list)
+    extra: dict[str, Model] = field(default_factory=dict)
+    state_indexed: bool = False
+
+    @property
+    def figures(self) -> list:
+        return [m for m in self.root.select({"type": figure})] if self.root else []
+
+
+def _heatmap_figure(title: str, x_label: str, y_label: str, height: int, width: int):
+    fig = figure(
+        title=title,
+        x_range=Range1d(-0.5, 0.5),
+        y_range=Range1d(-0.5, 0.5),
+        height=height,
+        width=width,
+        tools=TOOLS,
+        toolbar_location="above",
+    )
+    fig.xaxis.axis_label = x_label
+    fig.yaxis.axis_label = y_label
+    fig.grid.visible = False
+    return fig
+
+
+def _set_range(rng: Range1d, start: float, end: float) -> None:
+    if rng.start != start or rng.end != end:
+        rng.update(start=start, end=end)
+
+
+def select(plot: Plot, layer: int | None) -> None:
+    """Move the selection markers of ``plot`` to decoder layer ``layer`` (None hides them)."""
+    for span in plot.markers:
+        if layer is None:
+            span.visible = False
+        else:
+            loc = layer + 1 if plot.state_indexed else layer
+            if span.location != loc or not span.visible:
+                span.update(location=loc, visible=True)
+
+
+def _markers(fig, dims: tuple[str, ...]) -> list[Span]:
+    spans = []
+    for dim in dims:
+        span = Span(
+            location=0,
+            dimension=dim,
+            line_color=SELECT_COLOR,
+            line_width=2,
+            line_alpha=0.9,
+            visible=False,
+        )
+        fig.add_layout(span)
+        spans.append(span)
+    return spans
+
+
+# CKA ------------------------------------------------------------------------------------------
+def cka_data(cka: LayerMap | None) -> dict:
+    """Long-form cells of the [L+1, L+1] CKA map: ref (x), quant (y), cka, and a diagonal flag."""
+    if cka is None:
+        return {"ref": [], "quant": [], "cka": [], "diag": []}
+    v = np.asarray(cka.values, dtype=float)
+    r, q = np.indices(v.shape)
+    return {
+        "ref": r.ravel(),
+        "quant": q.ravel(),
+        "cka": v.ravel(),
+        "diag": (r == q).ravel().astype(np.int8),
+    }
+
+
+def cka_plot(cka: LayerMap | None = None, height: int = 360, width: int = 420) -> Plot:
+    """Reference layer (x) by quantized layer (y) CKA heatmap with a colour bar, diagonal drawn."""
+    fig = _heatmap_figure(
+        "CKA: reference vs quantized layer", "reference layer", "quantized layer", height, width
+    )
+    src = ColumnDataSource(cka_data(None), name="qviz_cka")
+    mapper = LinearColorMapper(palette=Viridis256, low=0.0, high=1.0)
+    fig.rect(
+        "ref", "quant", 1, 1, source=src, fill_color={"field": "cka", "transform": mapper},
+        line_color=None,
+    )  # fmt: skip
+    diag = ColumnDataSource({"x": [-0.5, 0.5], "y": [-0.5, 0.5]}, name="qviz_cka_diag")
+    fig.line("x", "y", source=diag, line_color="white", line_dash="dashed", line_alpha=0.6)
+    bar = ColorBar(color_mapper=mapper, ticker=BasicTicker(desired_num_ticks=5), width=10)
+    bar.title = "CKA"
+    fig.add_layout(bar, "right")
+    fig.add_tools(
+        HoverTool(tooltips=[("ref", "@ref"), ("quant", "@quant"), ("CKA", "@cka{0.000}")])
+    )
+    plot = Plot(fig, {"cka": src, "diag": diag}, _markers(fig, ("width", "height")))
+    plot.state_indexed = True
+    update_cka(plot, cka)
+    return plot
+
+
+def update_cka(plot: Plot, cka: LayerMap | None) -> None:
+    """Replace the CKA cells in place; resize ranges when the layer count changes."""
+    plot.sources["cka"].data = cka_data(cka)
+    n = 1 if cka is None else cka.values.shape[0]
+    fig = plot.root
+    _set_range(fig.x_range, -0.5, n - 0.5)
+    _set_range(fig.y_range, -0.5, n - 0.5)
+    if len(plot.sources["diag"].data["x"]) != 2 or plot.sources["diag"].data["x"][1] != n - 0.5:
+        plot.sources["diag"].data = {"x": [-0.5, n - 0.5], "y": [-0.5, n - 0.5]}
+
+
+# logit lens -----------------------------------------------------------------------------------
+def lens_data(lens: LensTrajectory | None) -> dict:
+    """Per residual state: layer, probability and rank of the target, reference and quantized."""
+    if lens is None:
+        return {k: [] for k in ("layer", "p_ref", "p_quant", "r_ref", "r_quant", "top_q")}
+    n = len(lens.reference.prob)
+    return {
+        "layer": np.arange(n),
+        "p_ref": np.asarray(lens.reference.prob, dtype=float),
+        "p_quant": np.asarray(lens.quantized.prob, dtype=float),
+        "r_ref": np.asarray(lens.reference.rank, dtype=float),
+        "r_quant": np.asarray(lens.quantized.rank, dtype=float),
+        "top_q": [html.escape(repr(t[0])) if t else "" for t in lens.quantized.top_tokens],
+    }
+
+
+def lens_plot(lens: LensTrajectory | None = None, height: int = 200, width: int = 460) -> Plot:
+    """Target probability (linear) and rank (log axis) per residual state, ref vs quantized."""
+    x_range = Range1d(-0.5, 0.5)
+    pfig = figure(
+        title="Logit lens: target probability", x_range=x_range, y_range=Range1d(0, 1),
+        height=height, width=width, tools=TOOLS, toolbar_location="above",
+    )  # fmt: skip
+    rfig = figure(
+        title="Logit lens: target rank (1 = top)", x_range=x_range, y_axis_type="log",
+        y_range=Range1d(1e4, 0.8), height=height, width=width, tools=TOOLS,
+        toolbar_location="above",
+    )  # fmt: skip
+    src = ColumnDataSource(lens_data(None), name="qviz_lens")
+    for fig, ref, qnt in ((pfig, "p_ref", "p_quant"), (rfig, "r_ref", "r_quant")):
+        fig.line("layer", ref, source=src, color=REF_COLOR, line_width=2, legend_label="reference")
+        fig.scatter("layer", ref, source=src, color=REF_COLOR, size=4)
+        fig.line(
+            "layer", qnt, source=src, color=QUANT_COLOR, line_width=2, legend_label="quantized"
+        )
+        fig.scatter("layer", qnt, source=src, color=QUANT_COLOR, size=4)
+        fig.legend.location = "top_left" if fig is pfig else "top_right"
+        fig.legend.label_text_font_size = "8pt"
+        fig.legend.background_fill_alpha = 0.5
+        fig.add_tools(
+            HoverTool(
+                tooltips=[
+                    ("state", "@layer"),
+                    ("p ref / quant", "@p_ref{0.0000} / @p_quant{0.0000}"),
+                    ("rank ref / quant", "@r_ref{0} / @r_quant{0}"),
+                    ("quantized top-1", "@top_q"),
+                ],
+                mode="vline",
+            )
+        )
+    rfig.xaxis.axis_label = "residual state (0 = embeddings)"
+    markers = _markers(pfig, ("height",)) + _markers(rfig, ("height",))
+    plot = Plot(column(pfig, rfig), {"lens": src}, markers, {"prob": pfig, "rank": rfig})
+    plot.state_indexed = True
+    update_lens(plot, lens)
+    return plot
+
+
+def update_lens(plot: Plot, lens: LensTrajectory | None) -> None:
+    """Replace the lens curves in place; the title names the target."""
+    data = lens_data(lens)
+    plot.sources["lens"].data = data
+    n = len(data["layer"]) or 1
+    pfig, rfig = plot.extra["prob"], plot.extra["rank"]
+    _set_range(pfig.x_range, -0.5, n - 0.5)
+    if lens is not None:
+        pmax = float(max(np.max(data["p_ref"]), np.max(data["p_quant"]), 1e-3))
+        _set_range(pfig.y_range, 0.0, min(1.0, pmax * 1.1))
+        rmax = float(max(np.max(data["r_ref"]), np.max(data["r_quant"]), 10.0))
+        _set_range(rfig.y_range, rmax * 2, 0.8)
+        text = f"Logit lens: probability of {lens.target!r}"
+        if pfig.title.text != text:
+            pfig.title.text = text
+
+
+# attention ------------------------------------------------------------------------------------
+def attention_data(att: AttentionStats | None) -> dict:
+    """Cells of the [L, H] grid: layer (x), head (y), entropies and JS divergence."""
+    if att is None:
+        return {k: [] for k in ("layer", "head", "entropy", "ref_entropy", "delta", "js")}
+    layer, head = np.indices(att.quant_entropy.shape)
+    q = np.asarray(att.quant_entropy, dtype=float)
+    r = np.asarray(att.ref_entropy, dtype=float)
+    return {
+        "layer": layer.ravel(),
+        "head": head.ravel(),
+        "entropy": q.ravel(),
+        "ref_entropy": r.ravel(),
+        "delta": (q - r).ravel(),
+        "js": np.asarray(att.js, dtype=float).ravel(),
+    }
+
+
+def attention_plot(att: AttentionStats | None = None, height: int = 280, width: int = 460) -> Plot:
+    """Normalized attention entropy of the quantized model, layer (x) by head (y)."""
+    fig = _heatmap_figure(
+        "Attention entropy (quantized, normalized)", "decoder layer", "head", height, width
+    )
+    src = ColumnDataSource(attention_data(None), name="qviz_attention")
+    mapper = LinearColorMapper(palette=Cividis256, low=0.0, high=1.0)
+    fig.rect(
+        "layer", "head", 1, 1, source=src, fill_color={"field": "entropy", "transform": mapper},
+        line_color=None,
+    )  # fmt: skip
+    bar = ColorBar(color_mapper=mapper, ticker=BasicTicker(desired_num_ticks=5), width=10)
+    fig.add_layout(bar, "right")
+    fig.add_tools(
+        HoverTool(
+            tooltips=[
+                ("layer, head", "@layer, @head"),
+                ("entropy quant / ref", "@entropy{0.000} / @ref_entropy{0.000}"),
+                ("JS divergence", "@js{0.0000}"),
+            ]
+        )
+    )
+    plot = Plot(fig, {"attention": src}, _markers(fig, ("height",)))
+    update_attention(plot, att)
+    return plot
+
+
+def update_attention(plot: Plot, att: AttentionStats | None) -> None:
+    plot.sources["attention"].data = attention_data(att)
+    n_l, n_h = (1, 1) if att is None else att.quant_entropy.shape
+    _set_range(plot.root.x_range, -0.5, n_l - 0.5)
+    _set_range(plot.root.y_range, -0.5, n_h - 0.5)
+
+
+# FFN ------------------------------------------------------------------------------------------
+def ffn_data(ffn: FFNStats | None) -> dict:
+    """Per decoder layer: gate sign flip rate, a colour (severe above 30%), Jaccard, cosine."""
+    if ffn is None:
+        return {k: [] for k in ("layer", "flip", "color", "jaccard", "cosine")}
+    flip = np.asarray(ffn.flip_rate, dtype=float)
+    return {
+        "layer": np.arange(len(flip)),
+        "flip": flip,
+        "color": [SELECT_COLOR if f > SEVERE_FLIP else "#8c8c8c" for f in flip],
+        "jaccard": np.asarray(ffn.jaccard, dtype=float),
+        "cosine": np.asarray(ffn.out_cosine, dtype=float),
+    }
+
+
+def ffn_plot(ffn: FFNStats | None = None, height: int = 240, width: int = 460) -> Plot:
+    """Per-layer bars of the FFN gate sign flip rate, with the study's 30% line."""
+    fig = figure(
+        title="FFN gate sign flips per layer", x_range=Range1d(-0.5, 0.5), y_range=Range1d(0, 0.5),
+        height=height, width=width, tools=TOOLS, toolbar_location="above",
+    )  # fmt: skip
+    src = ColumnDataSource(ffn_data(None), name="qviz_ffn")
+    fig.vbar("layer", top="flip", width=0.8, source=src, fill_color="color", line_color=None)
+    fig.add_layout(
+        Span(location=SEVERE_FLIP, dimension="width", line_color="black", line_dash="dashed")
+    )
+    fig.add_layout(Title(text="dashed: 30% (severe)", text_font_size="8pt"), "below")
+    fig.xaxis.axis_label = "decoder layer"
+    fig.yaxis.axis_label = "flip rate"
+    fig.add_tools(
+        HoverTool(
+            tooltips=[
+                ("layer", "@layer"),
+                ("flip rate", "@flip{0.0%}"),
+                ("top-1% Jaccard", "@jaccard{0.000}"),
+                ("MLP out cosine", "@cosine{0.000}"),
+            ]
+        )
+    )
+    plot = Plot(fig, {"ffn": src}, _markers(fig, ("height",)))
+    update_ffn(plot, ffn)
+    return plot
+
+
+def update_ffn(plot: Plot, ffn: FFNStats | None) -> None:
+    data = ffn_data(ffn)
+    plot.sources["ffn"].data = data
+    n = len(data["layer"]) or 1
+    _set_range(plot.root.x_range, -0.5, n - 0.5)
+    top = max(0.4, float(np.max(data["flip"])) * 1.1) if len(data["flip"]) else 0.5
+    _set_range(plot.root.y_range, 0.0, round(top, 3))
+
+
+# causal tracing -------------------------------------------------------------------------------
+def patch_data(grid: PatchGrid | None) -> dict:
+    """Cells of the [L, T] grid: position (x), layer (y), recovery (prob when undefined)."""
+    if grid is None:
+        return {k: [] for k in ("pos", "layer", "value", "prob", "token")}
+    prob = np.asarray(grid.prob, dtype=float)
+    value = np.asarray(grid.recovery, dtype=float) if grid.recovery is not None else prob
+    layer, pos = np.indices(prob.shape)
+    return {
+        "pos": pos.ravel(),
+        "layer": layer.ravel(),
+        "value": value.ravel(),
+        "prob": prob.ravel(),
+        "token": [html.escape(repr(grid.tokens[t])) for t in pos.ravel()],
+    }
+
+
+def patch_plot(grid: PatchGrid | None = None, height: int = 300, width: int = 460) -> Plot:
+    """Causal-tracing recovery, token position (x) by decoder layer (y)."""
+    fig = _heatmap_figure("Causal tracing: recovery", "token", "decoder layer", height, width)
+    src = ColumnDataSource(patch_data(None), name="qviz_patch")
+    mapper = LinearColorMapper(
+        palette=Viridis256, low=0.0, high=1.0, low_color="#2b2b2b", high_color="#fde725"
+    )
+    fig.rect(
+        "pos", "layer", 1, 1, source=src, fill_color={"field": "value", "transform": mapper},
+        line_color=None,
+    )  # fmt: skip
+    fig.add_layout(ColorBar(color_mapper=mapper, width=10), "right")
+    fig.add_tools(
+        HoverTool(
+            tooltips=[
+                ("layer", "@layer"),
+                ("token", "@token (@pos)"),
+                ("value", "@value{0.000}"),
+                ("p(target)", "@prob{0.0000}"),
+            ]
+        )
+    )
+    fig.xaxis.major_label_orientation = 0.8
+    plot = Plot(fig, {"patch": src}, _markers(fig, ("width",)), {"mapper": mapper})
+    update_patch(plot, grid)
+    return plot
+
+
+def patch_title(grid: PatchGrid | None) -> str:
+    """The heatmap's title: what the colour means for ``grid``."""
+    if grid is None:
+        return "Causal tracing: not run yet"
+    what = "recovery" if grid.defined else "p(target), recovery undefined"
+    win = f", window {grid.window}" if grid.window != 1 else ""
+    return (
+        f"Causal tracing {grid.component} ({grid.direction}{win}): {what} of {grid.target!r}, "
+        f"{grid.plan_label}"
+    )
+
+
+def update_patch(plot: Plot, grid: PatchGrid | None) -> None:
+    plot.sources["patch"].data = patch_data(grid)
+    fig = plot.root
+    n_l, n_t = (1, 1) if grid is None else np.asarray(grid.prob).shape
+    _set_range(fig.x_range, -0.5, n_t - 0.5)
+    _set_range(fig.y_range, -0.5, n_l - 0.5)
+    labels = {} if grid is None else {i: str(t) for i, t in enumerate(grid.tokens)}
+    fig.xaxis.ticker = list(range(n_t)) if grid is not None else []
+    fig.xaxis.major_label_overrides = labels
+    fig.title.text = patch_title(grid)
+    if grid is not None and not grid.defined:
+        hi = float(np.max(grid.prob)) if np.size(grid.prob) else 1.0
+        plot.extra["mapper"].update(low=0.0, high=max(hi, 1e-6))
+    else:
+        plot.extra["mapper"].update(low=0.0, high=1.0)
+
+
+# memory / accuracy ----------------------------------------------------------------------------
+def pareto_data(rows: list[dict] | None) -> dict:
+    """rows: dicts with bits, mib, effective_bits, accuracy (NaN = not measured yet)."""
+    rows = rows or []
+    acc = np.array([r.get("accuracy", np.nan) for r in rows], dtype=float)
+    return {
+        "bits": np.array([r["bits"] for r in rows], dtype=float),
+        "mib": np.array([r["mib"] for r in rows], dtype=float),
+        "eff": np.array([r["effective_bits"] for r in rows], dtype=float),
+        "accuracy": acc,
+        "acc_y": np.nan_to_num(acc, nan=0.0),
+        "label": [str(r.get("label", r["bits"])) for r in rows],
+        "size": [14 if np.isfinite(a) else 9 for a in acc],
+        "fill": [QUANT_COLOR if np.isfinite(a) else "white" for a in acc],
+    }
+
+
+def pareto_plot(rows: list[dict] | None = None, height: int = 260, width: int = 460) -> Plot:
+    """Weight memory (x, MiB) vs fact-recall accuracy (y), one point per bit-width."""
+    fig = figure(
+        title="Memory vs accuracy", x_range=Range1d(0, 1), y_range=Range1d(-0.05, 1.05),
+        height=height, width=width, tools=TOOLS, toolbar_location="above",
+    )  # fmt: skip
+    src = ColumnDataSource(pareto_data(None), name="qviz_pareto")
+    fig.line("mib", "acc_y", source=src, color="#999999")
+    fig.scatter("mib", "acc_y", source=src, size="size", fill_color="fill", line_color="black")
+    fig.text(
+        "mib", "acc_y", text="label", source=src, x_offset=6, y_offset=-6, text_font_size="8pt"
+    )
+    cur = ColumnDataSource({"mib": [], "acc_y": []}, name="qviz_pareto_current")
+    fig.scatter(
+        "mib", "acc_y", source=cur, size=20, fill_alpha=0, line_color=SELECT_COLOR, line_width=3
+    )
+    fig.xaxis.axis_label = "weight memory (MiB)"
+    fig.yaxis.axis_label = "fact-recall accuracy"
+    fig.add_tools(
+        HoverTool(
+            tooltips=[
+                ("bits", "@label"),
+                ("memory", "@mib{0.0} MiB (@eff{0.00} bits/weight)"),
+                ("accuracy", "@accuracy{0.0%}"),
+            ]
+        )
+    )
+    plot = Plot(fig, {"pareto": src, "current": cur})
+    update_pareto(plot, rows)
+    return plot
+
+
+def update_pareto(plot: Plot, rows: list[dict] | None, current_bits: int | None = None) -> None:
+    """Replace the points; ring the point of ``current_bits``; hollow = accuracy not measured."""
+    data = pareto_data(rows)
+    plot.sources["pareto"].data = data
+    measured = bool(np.isfinite(data["accuracy"]).any())
+    text = "Memory vs accuracy" + ("" if measured or not len(data["mib"]) else " (not measured)")
+    if plot.root.title.text != text:
+        plot.root.title.text = text
+    if len(data["mib"]):
+        lo, hi = float(np.min(data["mib"])), float(np.max(data["mib"]))
+        pad = max((hi - lo) * 0.1, 1.0)
+        _set_range(plot.root.x_range, lo - pad, hi + pad * 2)
+    idx = [i for i, b in enumerate(data["bits"]) if current_bits is not None and b == current_bits]
+    plot.sources["current"].data = {
+        "mib": [data["mib"][i] for i in idx],
+        "acc_y": [data["acc_y"][i] for i in idx],
+    }
+
+
+# verdict --------------------------------------------------------------------------------------
+MODE_COLORS = {
+    "healthy": "#2e7d32",
+    "signal degradation": "#ef6c00",
+    "computation collapse": "#c62828",
+}
+
+
+def verdict_html(verdict: Verdict | None, plan_label: str = "", layer_line: str = "") -> str:
+    """The verdict card's HTML: the mode in a coloured badge and its evidence as a table."""
+    if verdict is None:
+        return (
+            '<div class="qviz-verdict"><span class="qviz-verdict-mode">no result yet</span></div>'
+        )
+    color = MODE_COLORS.get(verdict.mode, "#555555")
+    rows = []
+    for k, v in verdict.evidence.items():
+        if isinstance(v, (bool, np.bool_)):
+            val = "yes" if v else "no"
+        elif isinstance(v, float):
+            val = f"{v:.3f}"
+        else:
+            val = html.escape(str(v))
+        rows.append(f"<tr><td>{html.escape(k)}</td><td>{val}</td></tr>")
+    plan = f'<div class="qviz-plan">plan: {html.escape(plan_label)}</div>' if plan_label else ""
+    extra = f'<div class="qviz-layer">{html.escape(layer_line)}</div>' if layer_line else ""
+    return (
+        f'<div class="qviz-verdict" data-mode="{html.escape(verdict.mode)}">'
+        f'<span class="qviz-verdict-mode" style="background:{color};color:white;'
+        f'padding:4px 10px;border-radius:4px;font-weight:bold;font-size:1.2em">'
+        f"{html.escape(verdict.mode)}</span>{plan}{extra}"
+        f'<table class="qviz-evidence" style="margin-top:6px;font-size:0.9em">'
+        f"{''.join(rows)}</table></div>"
+    )
+
+
+def layer_summary(cmp: Comparison | None, layer: int | None) -> str:
+    """One line about decoder layer ``layer`` of ``cmp`` (for the verdict card)."""
+    if cmp is None or layer is None:
+        return ""
+    n = len(cmp.ffn.flip_rate)
+    if not 0 <= layer < n:
+        return ""
+    return (
+        f"layer {layer}: CKA diag {cmp.cka.diagonal[layer + 1]:.3f}, "
+        f"gate flips {cmp.ffn.flip_rate[layer]:.1%}, "
+        f"attn entropy {float(np.mean(cmp.attention.quant_entropy[layer])):.3f}, "
+        f"lens rank {int(cmp.lens.quantized.rank[layer + 1])}"
+    )
+
+
+def layer_from_tap(plot_kind: str, x: float | None, y: float | None) -> int | None:
+    """The decoder layer a click at data coordinates (x, y) selects in view ``plot_kind``."""
+    if plot_kind in ("cka", "lens"):
+        v = x if x is not None else y
+        return None if v is None else max(int(round(v)) - 1, 0)
+    if plot_kind in ("attention", "ffn"):
+        return None if x is None else max(int(round(x)), 0)
+    if plot_kind == "patch":
+        return None if y is None else max(int(round(y)), 0)
+    return None

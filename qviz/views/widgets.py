@@ -1,0 +1,153 @@
+"""``qviz.widgets.dashboard(lab)``: an ipywidgets-only front (no Panel comms needed).
+
+Same DashboardState, Controller, view components and plot functions as the Panel Dashboard;
+the figures are shown through ``jupyter_bokeh.BokehModel`` (which syncs in-place data changes
+by itself) with BokehJS loaded inline, so it works offline in JupyterLab and in Voila.
+"""
+
+from __future__ import annotations
+
+import ipywidgets as W
+
+from qviz.views import plots
+from qviz.views.components import (
+    GROUP_SIZES,
+    AttentionEntropy,
+    CKAMap,
+    DashboardState,
+    FFNSignFlips,
+    LensTrajectory,
+    MemoryPareto,
+    PatchingHeatmap,
+)
+from qviz.views.dashboard import N_FACTS, Controller, backend_for
+
+_BOKEH_LOADED = False
+
+
+def load_bokehjs() -> None:
+    """Load BokehJS into the notebook page from inline resources (offline), once."""
+    global _BOKEH_LOADED
+    if not _BOKEH_LOADED:
+        from bokeh.io import output_notebook
+        from bokeh.resources import INLINE
+
+        output_notebook(resources=INLINE, hide_banner=True)
+        _BOKEH_LOADED = True
+
+
+class WidgetDashboard:
+    """The ipywidgets dashboard; ``.widget`` is the root ``ipywidgets.Box``."""
+
+    def __init__(self, lab, state: DashboardState | None = None, load_js: bool = True) -> None:
+        from jupyter_bokeh import BokehModel
+
+        if load_js:
+            load_bokehjs()
+        self.backend = backend_for(lab)
+        self.state = s = state or DashboardState(model=self.backend.name)
+        self.controller = Controller(self.backend, s, dispatch=lambda fn: fn())
+        self.views = {
+            "cka": CKAMap(s),
+            "lens": LensTrajectory(s),
+            "patch": PatchingHeatmap(s),
+            "attention": AttentionEntropy(s),
+            "ffn": FFNSignFlips(s),
+            "pareto": MemoryPareto(s),
+        }
+        self.figures = {k: BokehModel(v.plot.root) for k, v in self.views.items()}
+        self.verdict = W.HTML(self._verdict_html())
+        s.param.watch(lambda *_: setattr(self.verdict, "value", self._verdict_html()),
+                      ["comparison", "selected_layer"])  # fmt: skip
+        self.controls = self._controls()
+        f = self.figures
+        main = W.VBox(
+            [
+                W.HBox([f["cka"], self.verdict]),
+                W.HBox([f["lens"], W.VBox([f["ffn"], f["attention"]])]),
+                W.HBox([f["patch"], f["pareto"]]),
+            ]
+        )
+        self.widget = W.HBox([self.controls, main])
+        self.controller.start()
+
+    def _verdict_html(self) -> str:
+        cmp = self.state.comparison
+        return plots.verdict_html(
+            cmp.verdict if cmp is not None else None,
+            cmp.plan_label if cmp is not None else "",
+            plots.layer_summary(cmp, self.state.selected_layer),
+        )
+
+    def _controls(self) -> W.VBox:
+        s = self.state
+        lay = W.Layout(width="260px")
+        style = {"description_width": "90px"}
+        prompt = W.Text(s.prompt, description="Prompt", continuous_update=False, layout=lay)
+        target = W.Text(s.target, description="Target", continuous_update=False, layout=lay)
+        bits = W.IntSlider(s.bits, min=2, max=8, description="Bits", continuous_update=False)
+        bits.add_class("qviz-bits")
+        group = W.Dropdown(options=list(GROUP_SIZES.items()), value=s.group_size,
+                           description="Group size", layout=lay, style=style)  # fmt: skip
+        sym = W.Checkbox(s.symmetric, description="Symmetric")
+        method = W.Dropdown(options=["rtn", "gptq"], value=s.method, description="Method")
+        protect = W.IntSlider(s.protect_first, min=0, max=8, description="Protect k",
+                              continuous_update=False)  # fmt: skip
+        layer = W.IntText(s.selected_layer or 0, description="Layer", layout=lay)
+        component = W.Dropdown(options=["resid", "attn", "mlp"], value=s.component,
+                               description="Tracing")  # fmt: skip
+        trace = W.Button(description="Run causal tracing")
+        trace.on_click(lambda _b: self.controller.request_trace())
+        acc = W.Button(description=f"Accuracy ({N_FACTS} facts)")
+        acc.on_click(lambda _b: self.controller.request_pareto(measure=True))
+        self.progress = W.IntProgress(value=1, min=0, max=1, bar_style="info", layout=lay)
+        self.status = W.HTML("")
+        self.error = W.HTML("")
+        self.error.add_class("qviz-error")
+        pairs = {
+            "prompt": prompt, "target": target, "bits": bits, "group_size": group,
+            "symmetric": sym, "method": method, "protect_first": protect,
+            "selected_layer": layer, "component": component,
+        }  # fmt: skip
+        for name, w in pairs.items():
+            w.observe(lambda ch, n=name: self._set(n, ch["new"]), "value")
+            s.param.watch(lambda ev, w=w: self._show(w, ev.new), name)
+        s.param.watch(self._on_status, ["busy", "status", "error"])
+        self._on_status()
+        return W.VBox(
+            [*pairs.values(), trace, acc, self.progress, self.status, self.error],
+            layout=W.Layout(width="280px"),
+        )
+
+    def _set(self, name: str, value) -> None:
+        if getattr(self.state, name) != value:
+            try:
+                setattr(self.state, name, value)
+            except ValueError as err:
+                self.state.error = str(err)
+
+    @staticmethod
+    def _show(widget, value) -> None:
+        if value is not None and widget.value != value:
+            widget.value = value
+
+    def _on_status(self, *_events) -> None:
+        s = self.state
+        self.progress.layout.visibility = "visible" if s.busy else "hidden"
+        self.status.value = f"<code>{s.status}</code>" if s.status else ""
+        self.error.value = (
+            f'<div style="color:#c62828;white-space:pre-wrap">{plots.html.escape(s.error)}</div>'
+            if s.error
+            else ""
+        )
+
+    def wait(self, timeout: float | None = 60) -> bool:
+        return self.controller.wait(timeout)
+
+    def _repr_mimebundle_(self, **kw):
+        return self.widget._repr_mimebundle_(**kw)
+
+
+def dashboard(lab, state: DashboardState | None = None) -> WidgetDashboard:
+    """The ipywidgets dashboard of ``lab`` (display it, or its ``.widget``)."""
+    return WidgetDashboard(lab, state)

@@ -1,0 +1,134 @@
+"""Dashboard, components, the ipywidgets front and the report on the embedded model (no browser)."""
+
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+
+import pytest
+
+import qviz
+
+pytestmark = pytest.mark.model
+WAIT = 600  # seconds; generous for a shared CPU, never a performance claim
+
+
+@pytest.fixture(scope="module")
+def lab(embedded):
+    model, tok = embedded
+    return qviz.Lab(model, tok, name="smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def dash(lab):
+    from qviz.views import Dashboard
+
+    d = Dashboard(lab)
+    assert d.wait(WAIT)
+    return d
+
+
+def test_dashboard_shows_a_comparison_and_updates_sources_in_place(dash):
+    s = dash.state
+    assert s.error == "" and s.comparison is not None
+    assert s.comparison.plan_label == "rtn4-g128"
+    cka = dash.views["cka"]
+    src, fig = cka.plot.sources["cka"], cka.plot.root
+    n = s.comparison.cka.values.shape[0]
+    assert len(src.data["cka"]) == n * n
+    assert s.selected_layer == (n - 1) // 2
+    assert s.comparison.verdict.mode in dash.views["verdict"].text
+    before = src.data["cka"].copy()
+    s.bits = 2
+    assert dash.wait(WAIT)
+    assert s.comparison.plan_label == "rtn2-g128"
+    assert cka.plot.sources["cka"] is src and cka.plot.root is fig  # same models, new data
+    assert (src.data["cka"] != before).any()
+    assert "rtn2-g128" in dash.views["verdict"].text
+    assert len(s.pareto_rows) >= 4 and all(r["mib"] > 0 for r in s.pareto_rows)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [("target", " Paris is", "exactly one token"), ("prompt", "  ", "non-empty")],
+)
+def test_errors_show_in_the_app_and_keep_the_last_result(dash, field, value, message):
+    s = dash.state
+    last = s.comparison
+    old = getattr(s, field)
+    setattr(s, field, value)
+    assert dash.wait(WAIT)
+    assert message in s.error
+    assert dash.alert.visible and message in dash.alert.text
+    assert s.comparison is last
+    setattr(s, field, old)
+    assert dash.wait(WAIT)
+    assert s.error == "" and not dash.alert.visible
+
+
+def test_clicking_a_view_selects_the_layer_everywhere(dash):
+    cka = dash.views["cka"]
+    cka._on_tap(SimpleNamespace(x=4.0, y=9.0))  # residual state 4 = output of layer 3
+    assert dash.state.selected_layer == 3
+    for name in ("cka", "lens", "attention", "ffn", "patch"):
+        plot = dash.views[name].plot
+        want = 4 if plot.state_indexed else 3
+        assert all(m.location == want and m.visible for m in plot.markers), name
+    dash.views["ffn"]._on_tap(SimpleNamespace(x=7.2, y=0.1))
+    assert dash.state.selected_layer == 7
+    assert "layer 7:" in dash.views["verdict"].text
+
+
+def test_tracing_fills_the_patching_heatmap(dash):
+    s = dash.state
+    dash.request_trace()
+    assert dash.wait(WAIT)
+    assert s.error == "", s.error
+    grid = s.patch_grid
+    assert grid is not None and grid.plan_label == s.comparison.plan_label
+    data = dash.views["patch"].plot.sources["patch"].data
+    assert len(data["value"]) == grid.prob.size
+    assert "Causal tracing" in dash.views["patch"].plot.root.title.text
+
+
+def test_sessions_share_the_backend_but_not_state(lab, dash):
+    from qviz.views import Dashboard
+
+    other = Dashboard(lab)
+    assert other.backend is dash.backend
+    other.state.bits = 8
+    assert other.wait(WAIT) and dash.wait(WAIT)
+    assert other.state.comparison.plan_label == "rtn8-g128"
+    assert dash.state.comparison.plan_label != "rtn8-g128"
+
+
+def test_dashboard_renders_to_a_bokeh_model(dash):
+    import panel as pn
+
+    root = pn.panel(dash).get_root()
+    names = {m.name for m in root.select({"type": __import__("bokeh").models.ColumnDataSource})}
+    assert {"qviz_cka", "qviz_lens", "qviz_attention", "qviz_ffn", "qviz_patch"} <= names
+
+
+def test_ipywidgets_front_shares_state_and_plots(lab):
+    from qviz import widgets
+
+    d = widgets.WidgetDashboard(lab, load_js=False)
+    assert d.wait(WAIT)
+    assert d.state.comparison is not None
+    assert d.state.comparison.verdict.mode in d.verdict.value
+    bits = next(w for w in d.controls.children if "qviz-bits" in w._dom_classes)
+    bits.value = 3
+    assert d.wait(WAIT)
+    assert d.state.comparison.plan_label == "rtn3-g128"
+    assert len(d.views["cka"].plot.sources["cka"].data["cka"]) > 0
+
+
+def test_report_is_standalone_html(lab):
+    from qviz.app import build_report
+
+    text = build_report(lab, [2], prompt="The capital of France is", target=" Paris", n_facts=4)
+    assert "computation collapse" in text or "signal degradation" in text
+    assert "qviz-bits-2" in text and "qviz-verdict-table" in text
+    external = re.findall(r"""<(?:script|link)[^>]+(?:src|href)=["']https?://""", text)
+    assert external == []

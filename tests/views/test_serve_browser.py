@@ -1,0 +1,116 @@
+"""`qviz serve` in a real browser (Debian chromium through Playwright), fully offline."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qviz.app import ServerProcess
+from tests.views.browser import (
+    TIMEOUT_MS,
+    PageRecorder,
+    chromium_or_skip,
+    cka_fingerprint,
+    launch,
+    press_slider,
+    wait_cka_change,
+    wait_plan,
+)
+
+pytestmark = pytest.mark.model
+JS_PATCH_FILLED = """() => Bokeh.documents.some(d => {
+  const s = d.get_model_by_name('qviz_patch');
+  if (!s) return false;
+  const v = s.data instanceof Map ? s.data.get('value') : s.data['value'];
+  return v && v.length > 0;
+})"""
+SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "dashboard.png"
+
+
+@pytest.fixture(scope="module")
+def server():
+    chromium_or_skip()
+    srv = ServerProcess("smollm2-135m")
+    with srv as url:
+        yield url
+        log = srv.output(tail=200_000)
+    assert "Traceback" not in log, f"the server logged an exception:\n{log[-4000:]}"
+
+
+@pytest.fixture(scope="module")
+def chrome():
+    exe = chromium_or_skip()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = launch(p, exe)
+        yield b
+        b.close()
+
+
+def _open(chrome, url):
+    page = chrome.new_page(viewport={"width": 1400, "height": 1100})
+    rec = PageRecorder(page)
+    page.goto(url)
+    wait_plan(page, 4)
+    return page, rec
+
+
+def test_serve_loads_offline_and_slider_updates_in_place(server, chrome):
+    from playwright.sync_api import expect
+
+    page, rec = _open(chrome, server)
+    before = cka_fingerprint(page)
+    assert before is not None
+    mode = page.locator(".qviz-verdict-mode").first
+    mode_before = mode.inner_text()
+    press_slider(page, "ArrowLeft", 2)  # 4 -> 2 bits
+    wait_plan(page, 2)
+    after = wait_cka_change(page, before)
+    assert after != before
+    expect(mode).not_to_have_text(mode_before)
+    assert "collapse" in mode.inner_text()
+    # an error shows in the app, and the app keeps working
+    target = page.locator("input.bk-input").nth(1)
+    target.fill(" Paris is")
+    target.press("Enter")
+    expect(page.locator(".qviz-error-text").first).to_contain_text(
+        "exactly one token", timeout=60_000
+    )
+    target.fill(" Paris")
+    target.press("Enter")
+    expect(page.locator(".qviz-error-text").first).to_be_hidden(timeout=60_000)
+    # a tracing sweep runs in the background and fills the patching heatmap
+    page.get_by_role("button", name="Run causal tracing").click()
+    page.wait_for_function(JS_PATCH_FILLED, timeout=TIMEOUT_MS)
+    png = page.screenshot(full_page=True)
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=float)
+    assert pixels.std() > 10, "the screenshot is blank"
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    SCREENSHOT.write_bytes(png)
+    assert rec.outside == [], f"requests left 127.0.0.1: {rec.outside}"
+    assert rec.errors == [], rec.errors
+    page.close()
+
+
+def test_two_sessions_keep_their_own_settings(server, chrome):
+    a, rec_a = _open(chrome, server)
+    b, rec_b = _open(chrome, server)
+    for page, key, bits in ((a, "ArrowLeft", 3), (b, "ArrowRight", 5)) * 1 + (
+        (a, "ArrowLeft", 2),
+        (b, "ArrowRight", 6),
+    ):
+        press_slider(page, key)
+        wait_plan(page, bits)
+    wait_plan(a, 2)
+    wait_plan(b, 6)
+    assert "rtn2-" in a.locator(".qviz-plan").first.inner_text()
+    assert "rtn6-" in b.locator(".qviz-plan").first.inner_text()
+    assert rec_a.errors == [] and rec_b.errors == []
+    a.close()
+    b.close()

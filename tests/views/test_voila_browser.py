@@ -1,0 +1,87 @@
+"""Voila on notebooks/dashboard.ipynb in chromium: renders and updates with no network."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from qviz.app import free_port
+from tests.views.browser import (
+    PageRecorder,
+    chromium_or_skip,
+    cka_fingerprint,
+    launch,
+    press_slider,
+    wait_cka_change,
+    wait_plan,
+)
+
+pytestmark = pytest.mark.model
+ROOT = Path(__file__).resolve().parents[2]
+NOTEBOOK = ROOT / "notebooks" / "dashboard.ipynb"
+# Voila's own "lab" template links Font Awesome from a CDN although it bundles the font;
+# that one link is not ours, every other outside request fails the test.
+VOILA_TEMPLATE_CDN = ("font-awesome", "fontawesome")
+
+
+@pytest.fixture(scope="module")
+def voila_url():
+    chromium_or_skip()
+    pytest.importorskip("voila")
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    log = tempfile.TemporaryFile()
+    cmd = [sys.executable, "-m", "voila", str(NOTEBOOK), f"--port={port}", "--no-browser"]
+    cmd += ["--Voila.ip=127.0.0.1"]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:  # a GET would start a kernel: only wait for the port to accept
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            log.seek(0)
+            pytest.fail(f"voila did not start:\n{log.read().decode(errors='replace')[-3000:]}")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def test_voila_renders_and_updates_offline(voila_url):
+    exe = chromium_or_skip()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = launch(p, exe)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            rec = PageRecorder(page)
+            page.goto(voila_url, timeout=600_000)
+            wait_plan(page, 4)
+            before = cka_fingerprint(page)
+            assert before is not None
+            press_slider(page, "ArrowLeft", 2)
+            wait_plan(page, 2)
+            assert wait_cka_change(page, before) != before
+            ours = [u for u in rec.outside if not any(c in u for c in VOILA_TEMPLATE_CDN)]
+            assert ours == [], f"requests left 127.0.0.1: {ours}"
+            assert "Loading weights" not in page.content()
+        finally:
+            browser.close()
