@@ -36,7 +36,8 @@ test: $(VENV)/.dev $(VENV)/.chromium
 	$(VENV)/bin/ruff check qviz tests bench
 	$(VENV)/bin/ruff format --check qviz tests bench
 	$(PY) -m qviz.cli fetch
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
+	$(PY) -m pytest -q -p no:cacheprovider --nbval-lax notebooks
 
 bench: $(VENV)/.installed
 	$(PY) -m qviz.cli bench quant

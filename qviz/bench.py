@@ -135,7 +135,103 @@ def bench_gptq(model_name: str = "smollm2-135m") -> None:
     print(f"  load from the disk cache {load:.2f} s (target < 2 s) | ratio {load / base:.2f}x RTN")
 
 
-BENCHES = {"quant": bench_quant, "compare": bench_compare, "gptq": bench_gptq}
+def bench_trace(model_name: str = "smollm2-135m") -> None:
+    """The full "resid" causal-tracing grid at 4 bits g128: batched vs one forward per cell."""
+    import numpy as np
+    import torch
+
+    from qviz import Lab, QuantConfig, QuantPlan
+
+    lab = Lab.load(model_name)
+    prompt, target = "The Eiffel Tower is located in the city of", " Paris"
+    plan = QuantPlan.uniform(QuantConfig(bits=4, group_size=128))
+    lab.engine.materialize(plan)
+    n_tok = lab.encode(prompt).shape[1]
+    print(
+        f"qviz bench trace: {model_name}, {n_tok} tokens x {lab.n_layers} layers, 4-bit g128, "
+        f"component resid, torch threads {torch.get_num_threads()}"
+    )
+    lab.trace(prompt, target, plan)  # warm-up
+    t = time.perf_counter()
+    batched = lab.trace(prompt, target, plan)
+    t_batched = time.perf_counter() - t
+    t = time.perf_counter()
+    loop = lab.trace(prompt, target, plan, method="per_cell")
+    t_loop = time.perf_counter() - t
+    diff = float(np.max(np.abs(batched.prob - loop.prob)))
+    print(
+        f"  batched grid {t_batched:.2f} s | per-cell loop {t_loop:.2f} s "
+        f"({batched.prob.size} forwards) | ratio {t_loop / t_batched:.1f}x (target >= 20x)"
+    )
+    print(
+        f"  max |batched - per-cell| = {diff:.2e} (must be <= 1e-4: "
+        f"{'equal' if diff <= 1e-4 else 'NOT EQUAL'}); p_reference {batched.p_reference:.4f}, "
+        f"p_quantized {batched.p_quantized:.4f}, best recovery {batched.best_recovery:.3f} "
+        f"at (layer, position) {batched.best_cell}"
+    )
+
+
+def bench_ui(model_name: str = "smollm2-135m", moves: int = 20) -> None:
+    """In chromium: slider move (key press) -> new CKA data in the page, for cached plans."""
+    from playwright.sync_api import sync_playwright
+
+    from qviz.app import CHROMIUM_ARGS, JS_CKA_FINGERPRINT, ServerProcess, find_chromium
+
+    exe = find_chromium()
+    if exe is None:
+        print("qviz bench ui: needs chromium (apt-get install -y chromium); not run")
+        return
+    watch = (
+        "() => { window.__qv = {key: null, data: null};"
+        " window.addEventListener('keydown', () => { window.__qv.key = performance.now();"
+        " window.__qv.data = null }, true);"
+        " for (const doc of Bokeh.documents) { const s = doc.get_model_by_name('qviz_cka');"
+        " if (s) s.properties.data.change.connect(() => {"
+        " if (window.__qv.data === null) window.__qv.data = performance.now() }) } }"
+    )
+    changed = f"(b) => {{ const f = ({JS_CKA_FINGERPRINT})(); return f !== null && f !== b }}"
+
+    def move(page, key: str) -> float:
+        before = page.evaluate(JS_CKA_FINGERPRINT)
+        page.locator(".qviz-bits .noUi-handle").first.press(key)
+        page.wait_for_function(changed, arg=before, timeout=600_000)
+        page.wait_for_function("() => window.__qv.data !== null", timeout=10_000)
+        return page.evaluate("() => window.__qv.data - window.__qv.key")
+
+    with ServerProcess(model_name) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(url)
+        page.wait_for_function(f"() => ({JS_CKA_FINGERPRINT})() !== null", timeout=600_000)
+        page.evaluate(watch)
+        page.locator(".qviz-bits .noUi-handle").first.focus()
+        t = time.perf_counter()
+        cold = [move(page, "ArrowLeft") for _ in range(2)]  # 4 -> 3 -> 2: first visits
+        cold += [move(page, "ArrowRight") for _ in range(6)]  # 2 -> 8 (3, 4 cached)
+        cold += [move(page, "ArrowLeft") for _ in range(4)]  # back to 4, all cached
+        warm_s = time.perf_counter() - t
+        times = [move(page, "ArrowLeft" if i % 2 == 0 else "ArrowRight") for i in range(moves)]
+        browser.close()
+    med = statistics.median(times)
+    print(f"qviz bench ui: {model_name}, panel serve + chromium on this machine, {moves} moves")
+    print(
+        f"  warm-up over bits 2..8 (first visits compute compare + materialize): {warm_s:.1f} s;"
+        f" first visit of 2-bit {cold[1]:.0f} ms"
+    )
+    print(
+        f"  key press -> new CKA data in the page, cached plan: median {med:.0f} ms "
+        f"(min {min(times):.0f}, max {max(times):.0f}) | target <= 300 ms | "
+        f"ratio to target {med / 300:.2f}x"
+    )
+
+
+BENCHES = {
+    "quant": bench_quant,
+    "compare": bench_compare,
+    "gptq": bench_gptq,
+    "trace": bench_trace,
+    "ui": bench_ui,
+}
 
 
 def run(what: str, model: str = "smollm2-135m") -> int:

@@ -142,6 +142,7 @@ class Comparison:
     ffn: FFNStats
     residual: ResidualStats
     verdict: Verdict
+    isolation: Isolation | None = None
 
     def to_frame(self) -> pd.DataFrame:
         """One row per decoder-layer output (1..L): the per-layer figures side by side."""
@@ -210,6 +211,21 @@ class PatchGrid:
         return self.recovery is not None
 
     @property
+    def mean_best_recovery(self) -> float:
+        """Mean over layers of each layer's best cell (max over positions); NaN when undefined."""
+        if self.recovery is None:
+            return float("nan")
+        return float(np.mean(np.max(self.recovery, axis=1)))
+
+    @property
+    def best_cell(self) -> tuple[int, int] | None:
+        """(layer, position) of the largest recovery; None when undefined."""
+        if self.recovery is None:
+            return None
+        layer, pos = np.unravel_index(int(np.argmax(self.recovery)), self.recovery.shape)
+        return int(layer), int(pos)
+
+    @property
     def best_recovery(self) -> float:
         """Largest recovery over all cells (NaN when undefined)."""
         return float(np.max(self.recovery)) if self.recovery is not None else float("nan")
@@ -233,28 +249,49 @@ class Isolation:
     """Each quantized decoder layer fed the reference input ("perfect input" test).
 
     cosine, rel_error: [L] mean token cosine and relative L2 error between the quantized layer's
-    output and the reference layer's output on the same (reference) input.
+    output and the reference layer's output on the same (reference) input. delta_cosine,
+    delta_rel_error: [L] the same for the layers' updates (output minus input), which the shared
+    residual copy does not dilute. ``broken``: layers whose update cosine is below
+    ``qviz.metrics.verdict.BROKEN_LAYER_COSINE`` -- broken even on a perfect input.
     """
 
     cosine: np.ndarray
     rel_error: np.ndarray
     plan_label: str
+    delta_cosine: np.ndarray | None = None
+    delta_rel_error: np.ndarray | None = None
+
+    @property
+    def broken(self) -> list[int]:
+        from qviz.metrics.verdict import BROKEN_LAYER_COSINE
+
+        if self.delta_cosine is None:
+            return []
+        return [int(i) for i in np.flatnonzero(self.delta_cosine < BROKEN_LAYER_COSINE)]
 
     def to_frame(self) -> pd.DataFrame:
-        return pd.DataFrame(
+        frame = pd.DataFrame(
             {
                 "layer": np.arange(len(self.cosine)),
                 "cosine": self.cosine,
                 "rel_error": self.rel_error,
             }
         )
+        if self.delta_cosine is not None:
+            frame["delta_cosine"] = self.delta_cosine
+        if self.delta_rel_error is not None:
+            frame["delta_rel_error"] = self.delta_rel_error
+        return frame
 
 
 @dataclass
 class RepairReport:
     """The study's repair table on one plan's Failure Subset (accuracies in [0, 1]).
 
-    amplification: accuracy per alpha; domino: accuracy of only_layers(range(k)) per k.
+    amplification: accuracy per alpha; domino: accuracy of only_layers(range(k)) per k;
+    domino_robust: the same on the Robust Subset (reference right, plan right; n_robust prompts).
+    protected_amplification: accuracy per alpha with amplification on top of source protection
+    (its peak layer chosen under the protected plan: protected_peak_layer).
     """
 
     plan_label: str
@@ -265,10 +302,19 @@ class RepairReport:
     peak_layer: int
     amplification: dict[float, float]
     domino: dict[int, float]
+    domino_robust: dict[int, float] = field(default_factory=dict)
+    n_robust: int = 0
+    protected_amplification: dict[float, float] = field(default_factory=dict)
+    protected_peak_layer: int = -1
 
     @property
     def best_alpha(self) -> float:
-        return max(self.amplification, key=lambda a: self.amplification[a])
+        return max(self.amplification, key=lambda a: np.nan_to_num(self.amplification[a], nan=-1))
+
+    @property
+    def amplified(self) -> float:
+        """Accuracy at the best alpha."""
+        return self.amplification[self.best_alpha] if self.amplification else float("nan")
 
     def to_frame(self) -> pd.DataFrame:
         rows = [
@@ -279,6 +325,14 @@ class RepairReport:
                 "accuracy": self.protected,
             },
         ]
+        if self.amplification:
+            rows.append(
+                {
+                    "repair": "amplification (best)",
+                    "setting": f"alpha={self.best_alpha:g} at layer {self.peak_layer}",
+                    "accuracy": self.amplified,
+                }
+            )
         rows += [
             {
                 "repair": "amplification",
@@ -287,8 +341,35 @@ class RepairReport:
             }
             for a, v in self.amplification.items()
         ]
+        if self.protected_amplification:
+            best = max(
+                self.protected_amplification,
+                key=lambda a: np.nan_to_num(self.protected_amplification[a], nan=-1),
+            )
+            rows += [
+                {
+                    "repair": "protection + amplification (best)",
+                    "setting": f"alpha={best:g} at layer {self.protected_peak_layer}",
+                    "accuracy": self.protected_amplification[best],
+                }
+            ]
+            rows += [
+                {
+                    "repair": "protection + amplification",
+                    "setting": f"alpha={a:g} at layer {self.protected_peak_layer}",
+                    "accuracy": v,
+                }
+                for a, v in self.protected_amplification.items()
+            ]
         rows += [
-            {"repair": "domino", "setting": f"first {k} layers quantized", "accuracy": v}
+            {
+                "repair": "domino",
+                "setting": f"first {k} layers quantized",
+                "accuracy": v,
+                "robust_accuracy": self.domino_robust.get(k, np.nan),
+            }
             for k, v in self.domino.items()
         ]
-        return pd.DataFrame(rows)
+        frame = pd.DataFrame(rows)
+        frame["n_failures"] = self.n_failures
+        return frame

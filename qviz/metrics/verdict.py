@@ -20,6 +20,7 @@ HEALTHY_CKA = 0.95  # mean CKA diagonal at least this (and the answer keeps its 
 COLLAPSE_RANK = 1000  # the study: "rank in the thousands"
 SEVERE_FLIP = 0.30  # the study: gate sign flips above 30% are severe
 COLLAPSE_ENTROPY = 0.80  # the study: normalized attention entropy above 0.80 in middle layers
+BROKEN_LAYER_COSINE = 0.5  # isolation: a layer's update on a perfect input below this is broken
 
 
 def verdict(
@@ -28,9 +29,16 @@ def verdict(
     quant_rank: int,
     flip_rate: np.ndarray,
     quant_entropy_mid: float,
+    *,
+    isolation_delta_cosine: np.ndarray | None = None,
 ) -> tuple[str, dict]:
     """cka_diag [L+1]; ranks at the last layer; flip_rate [L]; mean entropy of middle layers.
 
+    ``isolation_delta_cosine`` [L] (optional): the cosine of each quantized layer's update with
+    the reference layer's, both fed the reference input (``Lab.isolate``). It adds evidence --
+    the smallest cosine, how many layers fall below BROKEN_LAYER_COSINE (broken on a perfect
+    input: computation collapse) and the first of them (-1: none; every layer computes well and
+    is only fed noise: signal degradation) -- without changing the rule that names the mode.
     Returns (mode, evidence); metrics know no result classes, the Lab wraps them in a Verdict.
     """
     cka_mean = float(np.mean(cka_diag[1:]))
@@ -49,6 +57,12 @@ def verdict(
         "mid_attn_entropy": float(quant_entropy_mid),
         **{f"sign_{k}": v for k, v in signs.items()},
     }
+    if isolation_delta_cosine is not None:
+        iso = np.asarray(isolation_delta_cosine, dtype=np.float64)
+        broken = np.flatnonzero(iso < BROKEN_LAYER_COSINE)
+        evidence["isolation_min_cosine"] = float(iso.min())
+        evidence["isolation_broken_layers"] = int(len(broken))
+        evidence["isolation_first_broken"] = int(broken[0]) if len(broken) else -1
     if sum(signs.values()) >= 2:
         mode = "computation collapse"
     elif cka_mean < HEALTHY_CKA or quant_rank > ref_rank:
