@@ -175,12 +175,13 @@ def gptq_materialize(
             mods = {rel: layer.get_submodule(rel) for rel in adapter.linears}
             new: dict[str, torch.Tensor] = {}
             if cfg is not None and cfg.method == "gptq":
-                hess = _hessians(layer, mods, chunks)
-                for rel, mod in mods.items():
-                    w = mod.weight.data
-                    w2 = w.t() if weight_layout(mod) == "in_out" else w
-                    q = gptq_quantize(w2, hess[rel].to(w.device), cfg)
-                    new[rel] = q.t().contiguous() if weight_layout(mod) == "in_out" else q
+                hess, shared = _hessians(layer, mods, chunks)
+                for rels in shared:  # Linears reading one input share H: quantize them stacked
+                    ws = [_out_in(mods[r]) for r in rels]
+                    q = gptq_quantize(torch.cat(ws), hess[rels[0]].to(ws[0].device), cfg)
+                    for rel, part in zip(rels, q.split([w.shape[0] for w in ws]), strict=True):
+                        mod = mods[rel]
+                        new[rel] = part.t().contiguous() if weight_layout(mod) == "in_out" else part
             elif cfg is not None:
                 for rel, mod in mods.items():
                     w = mod.weight.data
@@ -197,14 +198,23 @@ def gptq_materialize(
     return out
 
 
-def _hessians(layer: nn.Module, mods: dict[str, nn.Module], chunks) -> dict[str, torch.Tensor]:
-    """H = 2/N * sum x x^T of each Linear's inputs over the calibration chunks.
+def _out_in(mod: nn.Module) -> torch.Tensor:
+    w = mod.weight.data
+    return w.t() if weight_layout(mod) == "in_out" else w
 
-    Linears that read the same tensor (q/k/v, gate/up) share one product; each chunk's product
-    is taken in float32 (as the GPTQ reference does) and summed in float64.
+
+def _hessians(
+    layer: nn.Module, mods: dict[str, nn.Module], chunks
+) -> tuple[dict[str, torch.Tensor], list[list[str]]]:
+    """H = 2/N * sum x x^T of each Linear's inputs over the calibration chunks, and the groups
+    of Linears that read the same tensor (q/k/v, gate/up), which share one H.
+
+    Each chunk's product is taken in float32 (as the GPTQ reference does), summed in float64.
+    GPTQ treats rows independently given H, so a group is quantized as one stacked weight.
     """
     acc: dict[str, list] = {}
-    seen: dict[int, torch.Tensor] = {}  # per chunk: input tensor id -> its x^T x
+    seen: dict[int, tuple] = {}  # per chunk: input tensor id -> (x^T x, n, x, first reader)
+    same_as: dict[str, str] = {}  # Linear -> the first Linear that read the same input
 
     def make(rel):
         def hook(_mod, args):
@@ -212,8 +222,10 @@ def _hessians(layer: nn.Module, mods: dict[str, nn.Module], chunks) -> dict[str,
             key = id(x)
             if key not in seen:
                 flat = x.reshape(-1, x.shape[-1]).float()
-                seen[key] = ((flat.t() @ flat).double().cpu(), flat.shape[0], x)
-            xtx, n, _ = seen[key]
+                seen[key] = ((flat.t() @ flat).double().cpu(), flat.shape[0], x, rel)
+            xtx, n, _, first = seen[key]
+            if same_as.setdefault(rel, first) != first:  # sharing must hold on every chunk
+                same_as[rel] = rel
             if rel not in acc:
                 acc[rel] = [torch.zeros_like(xtx), 0]
             acc[rel][0] += xtx
@@ -230,7 +242,10 @@ def _hessians(layer: nn.Module, mods: dict[str, nn.Module], chunks) -> dict[str,
         seen.clear()
         for h in handles:
             h.remove()
-    return {rel: h * (2 / n) for rel, (h, n) in acc.items()}
+    groups: dict[str, list[str]] = {}
+    for rel in acc:
+        groups.setdefault(same_as.get(rel, rel), []).append(rel)
+    return {rel: h * (2 / n) for rel, (h, n) in acc.items()}, list(groups.values())
 
 
 def _run_layer(layer: nn.Module, weights: dict[nn.Module, torch.Tensor], chunks):
