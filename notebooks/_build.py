@@ -447,6 +447,421 @@ FAILURE_MODES = [
     ),
 ]
 
+# 03 causal tracing ------------------------------------------------------------------------
+
+TRACING = [
+    (
+        "md",
+        """\
+        # Causal tracing: can clean activations rescue a quantized model?
+
+        The study patched full-precision activations into the quantized model and asked whether
+        the right answer comes back. At **4 bits** it does: the computation still works and only
+        its inputs are noisy (*signal degradation*). At **2 bits** it does not: the layers
+        themselves are broken, so clean inputs are wasted on them (*computation collapse*).
+
+        This notebook repeats the experiment on the embedded model (SmolLM2-135M, 30 layers,
+        RTN, asymmetric, group 128) with one fact: "The Eiffel Tower is located in the city of"
+        → " Paris". `lab.trace` gives a grid over (decoder layer, token position):
+
+        - **restore**: the quantized run, with one cell replaced by the original model's
+          activation; colour = *recovery* = (p − p_quantized) / (p_reference − p_quantized),
+          0 = no help, 1 = the original probability of " Paris" is back;
+        - **corrupt**: the original run with one cell replaced by the quantized activation;
+          1 = that cell's damage is harmless, 0 = that cell alone destroys the answer.
+
+        `component` picks what is patched: `"resid"` (the residual stream entering the layer),
+        `"attn"` or `"mlp"` (that block's output).""",
+    ),
+    (
+        "code",
+        """\
+        import numpy as np
+        import pandas as pd
+
+        import qviz
+
+        lab = qviz.Lab.load("smollm2-135m")
+        PROMPT, TARGET = "The Eiffel Tower is located in the city of", " Paris"
+        BITS = [4, 2]
+        plans = {
+            b: qviz.QuantPlan.uniform(qviz.QuantConfig(bits=b, group_size=128, symmetric=False))
+            for b in BITS
+        }""",
+    ),
+    ("code", BOKEH_SETUP),
+    (
+        "md",
+        """\
+        ## 1. The residual stream, both directions, 4 and 2 bits
+
+        Four grids, about 4 s each on a CPU. The heatmaps reuse qviz's own dashboard figure
+        (`qviz.views.plots.patch_plot`): token on the horizontal axis, decoder layer on the
+        vertical one; hover a cell for its value.""",
+    ),
+    (
+        "code",
+        """\
+        grids = {
+            (b, "resid", d): lab.trace(PROMPT, TARGET, plans[b], component="resid", direction=d)
+            for b in BITS
+            for d in ("restore", "corrupt")
+        }
+        g = grids[4, "resid", "restore"]
+        print("tokens:", g.tokens)
+        for b in BITS:
+            print(f"{b}-bit: p_reference={g.p_reference:.3f}  "
+                  f"p_quantized={grids[b, 'resid', 'restore'].p_quantized:.2e}")""",
+    ),
+    (
+        "code",
+        """\
+        from bokeh.layouts import gridplot
+
+        from qviz.views.plots import patch_plot
+
+
+        def heatmap(grid, title=None):
+            fig = patch_plot(grid, height=320, width=430).root
+            fig.toolbar_location = None
+            if title:
+                fig.title.text = title
+            return fig
+
+
+        show(gridplot([[heatmap(grids[b, "resid", d], f"{b}-bit, resid, {d}")
+                        for d in ("restore", "corrupt")] for b in BITS]))""",
+    ),
+    (
+        "md",
+        """\
+        **What to look at.**
+
+        - *Restore, 4 bits*: a single restored cell brings back part of the answer in many
+          layers — at the last token from the middle layers on, and weakly at the first
+          tokens of the subject ("The", "iffel") in layers 12-21. The computation downstream
+          still knows what to do with a clean signal.
+        - *Restore, 2 bits*: the grid is dark everywhere except the top-right corner. Only when
+          the clean state is handed over at the **last token in the last few layers** does the
+          answer come back; there, almost nothing quantized is left to run. One clean cell
+          anywhere earlier is destroyed by the broken layers that follow.
+        - *Corrupt*: at 4 bits one noisy cell costs part of the answer, mostly at the last
+          token in late layers. At 2 bits whole rows go black: a single 2-bit state at the
+          first token (the attention sink), at the subject token "iffel" or at the last token
+          is enough to erase " Paris" from the original model.
+
+        The single best cell of a restore grid is therefore a poor summary: it sits in that
+        top-right corner at both bit-widths. Two better ones are printed below: each layer's
+        best cell averaged over layers (`mean_best_recovery`), and the best cell away from
+        the last token.""",
+    ),
+    (
+        "code",
+        """\
+        def summary(grid):
+            rec = grid.recovery
+            return {
+                "best cell": grid.best_recovery,
+                "at (layer, token)": grid.best_cell,
+                "mean of per-layer best": grid.mean_best_recovery,
+                "best before last token": float(rec[:, :-1].max()),
+                "worst cell": float(rec.min()),
+            }
+
+
+        resid = pd.DataFrame({f"{b}-bit {d}": summary(grids[b, "resid", d])
+                              for b in BITS for d in ("restore", "corrupt")}).T
+        resid""",
+    ),
+    (
+        "code",
+        """\
+        r4, r2 = grids[4, "resid", "restore"], grids[2, "resid", "restore"]
+        # Clean activations help the 4-bit model far more than the 2-bit one ...
+        assert r4.mean_best_recovery > 2 * r2.mean_best_recovery, resid
+        # ... and, away from the last token, a clean cell does nothing at 2 bits.
+        assert r4.recovery[:, :-1].max() > 0.05 > r2.recovery[:, :-1].max(), resid
+        # Corrupting one cell with 2-bit states can erase the answer; with 4-bit ones, less so.
+        c4, c2 = grids[4, "resid", "corrupt"], grids[2, "resid", "corrupt"]
+        assert c2.recovery.min() < 0.05, resid
+        assert (c2.recovery < 0.1).sum() > (c4.recovery < 0.1).sum(), resid""",
+    ),
+    (
+        "md",
+        """\
+        ## 2. Attention and MLP outputs: restore only
+
+        Restoring one block's output is a narrower patch than restoring the whole stream. The
+        study expects the same split: a clean attention or MLP output helps a degraded model a
+        little, a collapsed one not at all.""",
+    ),
+    (
+        "code",
+        """\
+        for comp in ("attn", "mlp"):
+            for b in BITS:
+                grids[b, comp, "restore"] = lab.trace(PROMPT, TARGET, plans[b], component=comp)
+        show(gridplot([[heatmap(grids[b, comp, "restore"], f"{b}-bit, {comp}, restore")
+                        for b in BITS] for comp in ("attn", "mlp")]))
+        blocks = pd.DataFrame({f"{b}-bit {c}": summary(grids[b, c, "restore"])
+                               for c in ("attn", "mlp") for b in BITS}).T
+        blocks""",
+    ),
+    (
+        "code",
+        """\
+        for comp in ("attn", "mlp"):
+            best4 = grids[4, comp, "restore"].best_recovery
+            best2 = grids[2, comp, "restore"].best_recovery
+            print(f"{comp}: best recovery 4-bit {best4:.3f}, 2-bit {best2:.3f}")
+            assert best4 > 0.05 and best2 < 0.02 and best4 > best2, (comp, best4, best2)""",
+    ),
+    (
+        "md",
+        """\
+        ## 3. When recovery has no meaning
+
+        Recovery divides by p_reference − p_quantized. For a plan that does not change the
+        target's probability — here the empty plan, full precision — that gap is zero and there
+        is nothing to recover. qviz then returns no recovery grid, says why in
+        `recovery_note`, and the heatmap falls back to plain p(" Paris").""",
+    ),
+    (
+        "code",
+        """\
+        fp = lab.trace(PROMPT, TARGET, qviz.QuantPlan.none())
+        print(fp.recovery_note)
+        show(heatmap(fp))
+        assert not fp.defined and fp.recovery is None
+        assert fp.best_cell is None and np.isnan(fp.best_recovery)
+        assert "undefined" in fp.recovery_note""",
+    ),
+    (
+        "md",
+        """\
+        ## 4. Layer isolation: broken, or only fed noise?
+
+        Tracing asks whether clean inputs help. Isolation asks the sharper question layer by
+        layer: feed **every** quantized layer the original model's input for that layer and
+        compare its update (output minus input) with the original layer's update. A layer that
+        gets a perfect input and still writes something else is itself broken; one whose update
+        stays close only suffered from the noise of the layers below it. qviz calls a layer
+        broken when its update cosine is below 0.5.""",
+    ),
+    (
+        "code",
+        """\
+        from bokeh.palettes import Category10
+        from bokeh.plotting import figure
+
+        iso = {b: lab.isolate(PROMPT, plans[b]) for b in BITS}
+        p = figure(title="Isolation: cosine of each layer's update on a perfect input",
+                   width=640, height=280, x_axis_label="decoder layer",
+                   y_axis_label="update cosine vs original", y_range=(0, 1.05))
+        for b, color in zip(BITS, Category10[3]):
+            p.line(np.arange(lab.n_layers), iso[b].delta_cosine, color=color, line_width=2,
+                   legend_label=f"{b}-bit")
+        p.line([0, lab.n_layers - 1], [0.5, 0.5], color="gray", line_dash="dashed",
+               legend_label="broken below 0.5")
+        p.legend.location = "bottom_left"
+        show(p)
+        for b in BITS:
+            print(f"{b}-bit: broken layers {iso[b].broken} ({len(iso[b].broken)} of "
+                  f"{lab.n_layers}), mean update cosine {iso[b].delta_cosine.mean():.3f}")
+        pd.concat({f"{b}-bit": iso[b].to_frame().set_index("layer") for b in BITS},
+                  axis=1).iloc[::3].round(3)""",
+    ),
+    (
+        "code",
+        """\
+        assert len(iso[2].broken) >= len(iso[4].broken)
+        assert len(iso[2].broken) > 0, "2-bit layers should fail the perfect-input test"
+        assert iso[4].delta_cosine.mean() > iso[2].delta_cosine.mean() + 0.3""",
+    ),
+    (
+        "md",
+        """\
+        ## What this shows
+
+        - **4 bits, signal degradation**: clean activations partly bring the answer back, and
+          every layer still does (nearly) the right thing on a perfect input — the damage is
+          noise accumulated on the way.
+        - **2 bits, computation collapse**: a clean activation is useless unless it arrives
+          at the very end, and many layers write the wrong update even when handed the perfect
+          input. Repairs that clean up or boost the signal (notebook 04) cannot help there.
+        - Caveats: one prompt, a 135M model, RTN rather than the study's GPTQ, and a reference
+          that is itself Q4_1 (see the README). The study's own recovery metric is not public;
+          qviz's is the normalized one defined above. Recovery above 1 in corrupt grids
+          means the patched run beat the reference slightly: single-cell patches are noisy.""",
+    ),
+]
+
+# 04 repairs -------------------------------------------------------------------------------
+
+REPAIR = [
+    (
+        "md",
+        """\
+        # Repairs: what works at 4 bits, and why nothing works at 2 bits
+
+        The study tried two cheap repairs on the prompts its 4-bit model got wrong but the
+        full-precision model got right (the **Failure Subset**, so the baseline is 0 by
+        construction):
+
+        - **source protection**: keep the first layers at 8 bits (the study: first 2 layers
+          for Llama-3.1-8B and Mistral-7B, about 4.25 bits on average);
+        - **peak signal amplification**: multiply the residual stream leaving the layer where
+          the answer signal peaks by a factor alpha, so later (noisy) layers cannot drown it.
+
+        And one test: the **domino test** quantizes only the first k layers, to see whether
+        early damage alone can bring the whole model down.
+
+        `lab.repair_report(plan, prompts=...)` runs all of it. To keep this notebook near two
+        minutes on a CPU it uses every 8th bundled fact (50 of 400), three alphas and three
+        domino depths; drop `prompts=` and the `alphas`/`domino` arguments for the full table.""",
+    ),
+    (
+        "code",
+        """\
+        import numpy as np
+        import pandas as pd
+
+        import qviz
+        from qviz.data import load_facts
+
+        lab = qviz.Lab.load("smollm2-135m")
+        facts = load_facts()[::8]
+        BITS = [4, 2]
+        plans = {
+            b: qviz.QuantPlan.uniform(qviz.QuantConfig(bits=b, group_size=128, symmetric=False))
+            for b in BITS
+        }
+        reports = {
+            b: lab.repair_report(plans[b], prompts=facts, alphas=(1, 3, 9), domino=(1, 2, 6))
+            for b in BITS
+        }
+        for b in BITS:
+            r = reports[b]
+            print(f"{b}-bit: Failure Subset {r.n_failures} of {len(facts)}, Robust Subset "
+                  f"{r.n_robust}, peak layer {r.peak_layer}")""",
+    ),
+    (
+        "code",
+        """\
+        reports[4].to_frame().round(3)""",
+    ),
+    (
+        "code",
+        """\
+        reports[2].to_frame().round(3)""",
+    ),
+    (
+        "code",
+        """\
+        for b in BITS:
+            frame = reports[b].to_frame()
+            acc = frame["accuracy"].dropna()
+            assert acc.between(0, 1).all(), frame
+            assert reports[b].baseline == 0.0  # the Failure Subset's definition
+        assert reports[2].n_failures > 0, "2 bits should break some facts the reference knows"
+        assert reports[2].n_failures > reports[4].n_failures
+        assert reports[4].protected >= reports[2].protected""",
+    ),
+    (
+        "md",
+        """\
+        ## The study's table next to this one
+
+        The study's numbers are for Llama-3.1-8B with GPTQ on ParaRel; ours for SmolLM2-135M
+        with RTN on qviz's bundled facts. Accuracies on each plan's own Failure Subset, in %.""",
+    ),
+    (
+        "code",
+        """\
+        def best_protected_amp(r):
+            return max(r.protected_amplification.values(), default=float("nan"))
+
+
+        rows = [
+            {"source": "study, Llama-3.1-8B, GPTQ", "bits": 4, "baseline": 0.0,
+             "+ source protection": 67.91, "+ peak amplification": 75.19},
+            {"source": "study, Llama-3.1-8B, GPTQ", "bits": 2, "baseline": 0.0,
+             "+ source protection": "no help", "+ peak amplification": "no help"},
+        ]
+        for b in BITS:
+            r = reports[b]
+            rows.append({"source": "qviz, SmolLM2-135M, RTN g128", "bits": b,
+                         "baseline": 100 * r.baseline,
+                         "+ source protection": round(100 * r.protected, 1),
+                         "+ peak amplification": round(100 * best_protected_amp(r), 1),
+                         "amplification alone": round(100 * r.amplified, 1),
+                         "Failure Subset size": r.n_failures})
+        table = pd.DataFrame(rows)
+        table""",
+    ),
+    (
+        "md",
+        """\
+        **Reading the table honestly.**
+
+        - *2 bits*: as in the study, nothing comes back — neither keeping the first two layers
+          at 8 bits nor boosting the peak signal. Notebook 03 shows why: the layers themselves
+          are broken, so there is no intact signal to protect or amplify.
+        - *4 bits*: the repairs help far less here than in the study. Several reasons, none of
+          them settled by this notebook: the model is 60 times smaller, with less redundancy
+          to lean on; RTN is much cruder than GPTQ, so the 4-bit damage is spread over every
+          layer rather than concentrated in the first ones that source protection covers; the
+          "full-precision" reference is itself Q4_1 (about 5 bits per weight, see the README),
+          so 4-bit g128 is a small step from it and its Failure Subset holds the few facts
+          that sit on a knife-edge; and the Failure Subset here has only a handful of prompts,
+          so one fact moves the percentage a lot. The study does not publish how it picked
+          its peak layer; qviz's rule (documented in `Lab.repair_report`) is its own.
+        - The "+ peak amplification" column is cumulative, as in the study (amplification on
+          top of source protection, best alpha); alpha = 1 is in the sweep, so it can never
+          score below protection alone.""",
+    ),
+    (
+        "md",
+        """\
+        ## The domino test
+
+        Quantize only the first k layers and leave the rest at full precision. The study's
+        Llama-3.1-8B (accuracy on Robust / Failure subsets, 2 bits): layer 0 only 65.47 /
+        15.03; layers 0-1 41.65 / 5.29; layers 0-5 2.51 / 0.38 — a few broken early layers
+        are enough to take the whole model down (an early-layer bottleneck).""",
+    ),
+    (
+        "code",
+        """\
+        domino = pd.DataFrame({
+            f"{b}-bit {subset}": {k: 100 * v for k, v in getattr(reports[b], attr).items()}
+            for b in BITS
+            for subset, attr in (("Robust", "domino_robust"), ("Failure", "domino"))
+        })
+        domino.index.name = "first k layers quantized"
+        study = pd.DataFrame({"study 2-bit Robust": {1: 65.47, 2: 41.65, 6: 2.51},
+                              "study 2-bit Failure": {1: 15.03, 2: 5.29, 6: 0.38}})
+        domino.join(study).round(1)""",
+    ),
+    (
+        "code",
+        """\
+        for b in BITS:
+            for d in (reports[b].domino, reports[b].domino_robust):
+                assert all(0 <= v <= 1 for v in d.values() if not np.isnan(v)), d""",
+    ),
+    (
+        "md",
+        """\
+        **What to look at.** Compare the 2-bit rows with the study's: does quantizing one, two,
+        six early layers already cost most of the answers? If accuracy stays high until many
+        layers are quantized, the collapse on this model is spread over the depth of the
+        network rather than set off by an early bottleneck (the study saw an early bottleneck
+        in Llama-3.1-8B and Mistral-7B, uniform degradation in Qwen3-8B and Gemma2-9B). With
+        50 facts and a small Failure Subset, read differences of one or two prompts as noise.""",
+    ),
+]
+
 # 05 memory vs accuracy --------------------------------------------------------------------
 
 MEMORY = [
@@ -690,6 +1105,8 @@ MEMORY = [
 NOTEBOOKS = {
     "01_quickstart.ipynb": QUICKSTART,
     "02_failure_modes.ipynb": FAILURE_MODES,
+    "03_causal_tracing.ipynb": TRACING,
+    "04_repair.ipynb": REPAIR,
     "05_memory_vs_accuracy.ipynb": MEMORY,
 }
 
