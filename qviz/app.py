@@ -26,6 +26,14 @@ def shared_lab(model: str):
         return _LABS[model]
 
 
+_THREADS: dict[str, threading.Thread] = {}
+
+
+def _loading(model: str) -> bool:
+    t = _THREADS.get(model)
+    return t is not None and (t.is_alive() or model in _LABS or model in _ERRORS)
+
+
 def _load_in_background(model: str) -> threading.Thread:
     def run() -> None:
         try:
@@ -34,6 +42,7 @@ def _load_in_background(model: str) -> threading.Thread:
             _ERRORS[model] = f"{type(err).__name__}: {err}"
 
     t = threading.Thread(target=run, name="qviz-load", daemon=True)
+    _THREADS[model] = t
     t.start()
     return t
 
@@ -41,7 +50,6 @@ def _load_in_background(model: str) -> threading.Thread:
 def create_app(model: str = "smollm2-135m"):
     """One session's page: a loading indicator, replaced by the Dashboard once the model is in."""
     import panel as pn
-    from panel.io.state import set_curdoc
 
     from qviz.views import Dashboard
 
@@ -53,33 +61,41 @@ def create_app(model: str = "smollm2-135m"):
     spinner = pn.indicators.LoadingSpinner(value=True, size=40, name="Loading model ...")
     msg = pn.pane.Str(f"Loading {model} ...", css_classes=["qviz-loading"])
     root.extend([pn.Row(spinner, msg)])
-    doc = pn.state.curdoc
 
-    def swap() -> None:
-        with set_curdoc(doc):
-            if model in _LABS:
-                root[1:] = [Dashboard(_LABS[model])]
-            else:
-                err = _ERRORS.get(model, "unknown error")
-                root[1:] = [
-                    pn.pane.Alert(
-                        f"Could not load model {model!r}: {err}",
-                        alert_type="danger",
-                        css_classes=["qviz-error"],
-                    )
-                ]
+    def swap() -> bool:
+        """Replace the spinner once the model is in (or failed); True when done."""
+        if model in _LABS:
+            root[1:] = [Dashboard(_LABS[model])]
+        elif model in _ERRORS:
+            root[1:] = [
+                pn.pane.Alert(
+                    f"Could not load model {model!r}: {_ERRORS[model]}",
+                    alert_type="danger",
+                    css_classes=["qviz-error"],
+                )
+            ]
+        else:
+            return False
+        return True
 
-    def wait_then_swap() -> None:
+    if pn.state.curdoc is not None and pn.state.curdoc.session_context is not None:
+        # Under a server: poll on the session's own event loop (holds the document lock, no
+        # cross-thread document edits), so a slow or racing load can never strand the page.
+        if not _loading(model):
+            _load_in_background(model)
+        holder: dict = {}
+
+        def poll() -> None:
+            if swap() and "cb" in holder:
+                holder["cb"].stop()
+
+        holder["cb"] = pn.state.add_periodic_callback(poll, period=250)
+    else:  # notebook or script: load now
         try:
             shared_lab(model)
         except Exception as err:
             _ERRORS[model] = f"{type(err).__name__}: {err}"
-        if doc is not None and doc.session_context is not None:
-            doc.add_next_tick_callback(swap)
-        else:
-            swap()
-
-    threading.Thread(target=wait_then_swap, name="qviz-session-load", daemon=True).start()
+        swap()
     return root
 
 
