@@ -21,6 +21,19 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).eval().requires_grad_(False)
 
 
+class CharTokenizer:
+    """A character tokenizer for the tiny models (vocabulary 97): enough for Lab on them."""
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=True):
+        ids = [1 + (ord(c) % 90) for c in text]
+        out = type("Encoding", (), {})()
+        out.input_ids = torch.tensor([ids]) if return_tensors else ids
+        return out
+
+    def decode(self, ids):
+        return "".join(chr(32 + int(i)) for i in ids)
+
+
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     cfg = GPT2Config(vocab_size=97, n_embd=64, n_layer=2, n_head=4, n_positions=64)

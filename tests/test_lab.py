@@ -6,6 +6,7 @@ import torch
 
 from qviz import Lab, QuantConfig, QuantPlan
 from qviz.lab import load_facts, load_text
+from tests.conftest import CharTokenizer, tiny_llama
 
 FRANCE = "The capital of France is"
 
@@ -65,21 +66,9 @@ def test_target_must_be_one_token(lab):
 
 
 def test_no_hooks_remain_even_after_errors():
-    from tests.conftest import tiny_llama
-
     model = tiny_llama()
 
-    class Tok:
-        def __call__(self, text, return_tensors=None, add_special_tokens=True):
-            ids = [1 + (ord(c) % 90) for c in text]
-            out = type("E", (), {})()
-            out.input_ids = torch.tensor([ids]) if return_tensors else ids
-            return out
-
-        def decode(self, ids):
-            return "".join(chr(32 + int(i)) for i in ids)
-
-    lab = Lab(model, Tok())
+    lab = Lab(model, CharTokenizer())
     lab.compare(["abcdef", "ghijkl"], 5, QuantPlan.uniform(QuantConfig(bits=2, group_size=32)))
     assert _hook_count(model) == 0
     original = model.model.layers[1].mlp.forward

@@ -10,8 +10,7 @@ import torch
 from qviz import Lab, QuantConfig, QuantPlan, metrics
 from qviz.data import load_facts
 from qviz.metrics.tracing import peak_layer
-from tests.conftest import tiny_gpt2, tiny_llama
-from tests.probes.test_patch import Tok
+from tests.conftest import CharTokenizer, tiny_gpt2, tiny_llama
 
 FRANCE = "The capital of France is"
 
@@ -43,7 +42,7 @@ def _tiny_facts(lab: Lab, n: int = 24) -> list[dict]:
 @pytest.fixture(params=["llama", "gpt2"])
 def tiny_lab(request):
     model = tiny_llama() if request.param == "llama" else tiny_gpt2()
-    return Lab(model, Tok())
+    return Lab(model, CharTokenizer())
 
 
 def test_evaluate_batched_equals_per_prompt_tiny(tiny_lab):
@@ -86,7 +85,8 @@ def test_verdict_keeps_its_positional_signature():
 
 
 def test_repair_report_tiny(monkeypatch):
-    tiny_lab = Lab(tiny_llama(), Tok())  # its 2-bit plan flips answers (tiny GPT-2's does not)
+    # tiny llama's 2-bit plan flips answers (tiny GPT-2's does not)
+    tiny_lab = Lab(tiny_llama(), CharTokenizer())
     facts = _tiny_facts(tiny_lab, n=30)
     plan = QuantPlan.uniform(QuantConfig(bits=2, group_size=32))
     seen = {}

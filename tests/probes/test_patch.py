@@ -8,23 +8,10 @@ import torch
 
 from qviz import Lab, QuantConfig, QuantPlan
 from qviz.metrics.tracing import recovery, window_layers
-from tests.conftest import tiny_gpt2, tiny_llama
+from tests.conftest import CharTokenizer, tiny_gpt2, tiny_llama
 
 FRANCE = "The capital of France is"
 COMPONENTS = ("resid", "attn", "mlp")
-
-
-class Tok:
-    """A character tokenizer for the tiny models (vocabulary 97)."""
-
-    def __call__(self, text, return_tensors=None, add_special_tokens=True):
-        ids = [1 + (ord(c) % 90) for c in text]
-        out = type("E", (), {})()
-        out.input_ids = torch.tensor([ids]) if return_tensors else ids
-        return out
-
-    def decode(self, ids):
-        return "".join(chr(32 + int(i)) for i in ids)
 
 
 def _hook_count(model):
@@ -120,7 +107,7 @@ def reference_grid(lab, prompt, target, plan, component, direction, window=1, ce
 @pytest.fixture(params=["llama", "gpt2"])
 def tiny_lab(request):
     model = tiny_llama() if request.param == "llama" else tiny_gpt2()
-    return Lab(model, Tok())
+    return Lab(model, CharTokenizer())
 
 
 def _top1(lab, prompt):
