@@ -181,6 +181,8 @@ class Controller:
         self.backend = backend
         self.state = state
         dispatch = dispatch or _dispatcher()
+        self._dispatch = dispatch
+        self._cancel = threading.Event()  # set when a newer request supersedes a running GPTQ
         self._compare_worker = Worker(self._on_compare, dispatch, "qviz-compare")
         self._trace_worker = Worker(self._on_trace, dispatch, "qviz-trace")
         self._pareto_worker = Worker(self._on_pareto, dispatch, "qviz-pareto")
@@ -220,7 +222,18 @@ class Controller:
             self._compare_worker.submit(lambda: cached)
             return
         self._set_busy("compare", True, f"computing {plan.label} ...")
-        self._compare_worker.submit(lambda: self.backend.compare(prompt, target, plan))
+        self._cancel.set()  # a GPTQ run for older settings stops at its next layer
+        cancel = self._cancel = threading.Event()
+
+        def progress(done: int, total: int) -> None:
+            msg = f"GPTQ {plan.label}: layer {done}/{total} ..."
+            self._dispatch(lambda: self.state.param.update(status=msg))
+
+        def work():
+            self.backend.lab.engine.materialize(plan, cancel=cancel, on_progress=progress)
+            return self.backend.compare(prompt, target, plan)
+
+        self._compare_worker.submit(work)
 
     def _on_compare(self, result, error, _token) -> None:
         s = self.state

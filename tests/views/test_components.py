@@ -132,3 +132,26 @@ def test_report_is_standalone_html(lab):
     assert "qviz-bits-2" in text and "qviz-verdict-table" in text
     external = re.findall(r"""<(?:script|link)[^>]+(?:src|href)=["']https?://""", text)
     assert external == []
+
+
+def test_gptq_progress_reaches_the_status(tmp_path, monkeypatch):
+    """A GPTQ plan reports each decoder layer in the state's status while it runs."""
+    from qviz.views.components import DashboardState
+    from qviz.views.dashboard import Backend, Controller
+    from tests.conftest import CharTokenizer, tiny_llama
+
+    monkeypatch.setenv("QVIZ_CACHE", str(tmp_path))
+    monkeypatch.setenv("QVIZ_GPTQ_NSEQ", "2")
+    monkeypatch.setenv("QVIZ_GPTQ_SEQLEN", "16")
+    lab = qviz.Lab(tiny_llama(), CharTokenizer(), name="tiny")
+    lab.engine.tokenizer = None  # byte-level calibration ids for the tiny model
+    state = DashboardState(model="tiny", target="a", bits=3, group_size=32, method="rtn")
+    seen = []
+    state.param.watch(lambda e: seen.append(e.new), "status")
+    ctl = Controller(Backend(lab), state, dispatch=lambda fn: fn())
+    state.method = "gptq"
+    ctl.request_compare()
+    assert ctl.wait(120)
+    assert state.error == "" and state.comparison.plan_label.startswith("gptq3")
+    layers = [m for m in seen if m.startswith("GPTQ gptq3")]
+    assert layers[-1].endswith("layer 3/3 ...") and len(layers) == 3
