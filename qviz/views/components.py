@@ -395,3 +395,15 @@ class VerdictCard(pn.viewable.Viewer):
 
     def __panel__(self):
         return pn.Column(pn.pane.Markdown("### Verdict", margin=(0, 10)), self.card)
+
+
+def figure_views(state: DashboardState) -> dict[str, _FigureView]:
+    """Every figure view bound to ``state`` (both dashboard fronts show these)."""
+    return {
+        "cka": CKAMap(state),
+        "lens": LensTrajectory(state),
+        "patch": PatchingHeatmap(state),
+        "attention": AttentionEntropy(state),
+        "ffn": FFNSignFlips(state),
+        "pareto": MemoryPareto(state),
+    }

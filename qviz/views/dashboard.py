@@ -21,16 +21,11 @@ from qviz.quant.memory import footprint
 from qviz.results import Comparison, PatchGrid
 from qviz.views.components import (
     GROUP_SIZES,
-    AttentionEntropy,
-    CKAMap,
     DashboardState,
     DivPane,
-    FFNSignFlips,
-    LensTrajectory,
-    MemoryPareto,
-    PatchingHeatmap,
     VerdictCard,
     Worker,
+    figure_views,
     is_notebook_comm,
     server_doc,
     ui_call,
@@ -298,15 +293,7 @@ class Dashboard(pn.viewable.Viewer):
         self.state = state or DashboardState(model=self.backend.name)
         s = self.state
         self.controller = Controller(self.backend, s)
-        self.views = {
-            "cka": CKAMap(s),
-            "lens": LensTrajectory(s),
-            "patch": PatchingHeatmap(s),
-            "attention": AttentionEntropy(s),
-            "ffn": FFNSignFlips(s),
-            "pareto": MemoryPareto(s),
-            "verdict": VerdictCard(s),
-        }
+        self.views = {**figure_views(s), "verdict": VerdictCard(s)}
         self._controls = self._build_controls()
         s.param.watch(self._on_busy, ["busy", "error", "status"])
         self._on_busy()

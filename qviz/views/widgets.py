@@ -10,16 +10,7 @@ from __future__ import annotations
 import ipywidgets as W
 
 from qviz.views import plots
-from qviz.views.components import (
-    GROUP_SIZES,
-    AttentionEntropy,
-    CKAMap,
-    DashboardState,
-    FFNSignFlips,
-    LensTrajectory,
-    MemoryPareto,
-    PatchingHeatmap,
-)
+from qviz.views.components import GROUP_SIZES, DashboardState, figure_views
 from qviz.views.dashboard import N_FACTS, Controller, backend_for
 
 _BOKEH_LOADED = False
@@ -47,14 +38,7 @@ class WidgetDashboard:
         self.backend = backend_for(lab)
         self.state = s = state or DashboardState(model=self.backend.name)
         self.controller = Controller(self.backend, s, dispatch=lambda fn: fn())
-        self.views = {
-            "cka": CKAMap(s),
-            "lens": LensTrajectory(s),
-            "patch": PatchingHeatmap(s),
-            "attention": AttentionEntropy(s),
-            "ffn": FFNSignFlips(s),
-            "pareto": MemoryPareto(s),
-        }
+        self.views = figure_views(s)
         self.figures = {k: BokehModel(v.plot.root) for k, v in self.views.items()}
         self.verdict = W.HTML(self._verdict_html())
         s.param.watch(lambda *_: setattr(self.verdict, "value", self._verdict_html()),
