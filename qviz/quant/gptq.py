@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qviz.cancel import Cancelled
 from qviz.models.arch import Adapter, weight_layout
 from qviz.quant.config import QuantConfig, QuantPlan
 from qviz.quant.primitives import _scale_zero, fake_quantize, group_size_for
@@ -30,7 +31,7 @@ from qviz.quant.primitives import _scale_zero, fake_quantize, group_size_for
 BLOCKSIZE = 128
 
 
-class GPTQCancelled(RuntimeError):
+class GPTQCancelled(Cancelled):
     """Raised when a GPTQ run is cancelled; the model is left exactly as it was."""
 
 
