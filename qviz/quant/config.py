@@ -2,45 +2,86 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
-METHODS = ("rtn", "gptq")
+from qviz.quant.methods import METHODS
+
+_FIELDS = ("bits", "group_size", "symmetric", "method", "settings")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class QuantConfig:
     """Weight-only quantization of one Linear.
 
     bits: 2..8. group_size: consecutive input weights of one output row sharing a scale/zero
     (None = one group per output row). symmetric: zero point fixed at 2**(bits-1).
-    method: "rtn" (round to nearest) or "gptq" (damp, act_order are GPTQ's settings).
+    method: a name in ``qviz.quant.METHODS`` ("rtn": round to nearest, "gptq").
+    settings: the method's own settings, as a mapping or (name, value) pairs, or as keywords:
+    ``QuantConfig(4, 128, method="gptq", act_order=True, n_seq=32)``. They are validated by the
+    method and stored as a sorted tuple of the non-default ones (hashable; default settings
+    compare, hash and label exactly as a config without them). ``cfg.setting("damp")`` (or
+    ``cfg.damp``) reads one, default included.
     """
 
     bits: int
-    group_size: int | None = 128
-    symmetric: bool = False
-    method: str = "rtn"
-    damp: float = 0.01
-    act_order: bool = False
+    group_size: int | None
+    symmetric: bool
+    method: str
+    settings: tuple[tuple[str, Any], ...]
 
-    def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
-            raise ValueError(f"bits must be an int in 2..8, got bits={self.bits!r}")
-        gs = self.group_size
+    def __init__(
+        self,
+        bits: int,
+        group_size: int | None = 128,
+        symmetric: bool = False,
+        method: str = "rtn",
+        settings: Mapping[str, Any] | Iterable[tuple[str, Any]] = (),
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+            raise ValueError(f"bits must be an int in 2..8, got bits={bits!r}")
+        gs = group_size
         if gs is not None and (isinstance(gs, bool) or not isinstance(gs, int) or gs <= 0):
             raise ValueError(
                 f"group_size must be a positive int or None (per output channel), got {gs!r}"
             )
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got method={self.method!r}")
-        if not 0 < self.damp < 1:
-            raise ValueError(f"damp must be in (0, 1), got damp={self.damp!r}")
+        given = dict(settings.items() if isinstance(settings, Mapping) else settings)
+        for key in kwargs.keys() & given.keys():
+            raise ValueError(f"setting {key!r} is given twice (keyword and settings=)")
+        given.update(kwargs)
+        normalized = METHODS.get_method(method).normalize(given)
+        for name, value in zip(_FIELDS, (bits, gs, symmetric, method, normalized), strict=True):
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def of(cls, method: str, bits: int, group_size: int | None = 128, **kw: Any) -> QuantConfig:
+        """``QuantConfig.of("gptq", 4, 128, act_order=True)``: method first, then its settings."""
+        return cls(bits, group_size, method=method, **kw)
+
+    def setting(self, key: str) -> Any:
+        """The value of one of the method's settings (the default when not given)."""
+        values = METHODS[self.method].resolve(self.settings)
+        if key not in values:
+            from qviz.quant.methods import _unknown_setting
+
+            raise KeyError(_unknown_setting(key, self.method))
+        return values[key]
+
+    def __getattr__(self, key: str) -> Any:  # cfg.act_order: a setting, read as an attribute
+        if key.startswith("_") or key in _FIELDS:
+            raise AttributeError(key)
+        try:
+            return self.setting(key)
+        except KeyError as err:
+            raise AttributeError(err.args[0]) from None
 
     @property
     def label(self) -> str:
         g = "ch" if self.group_size is None else f"g{self.group_size}"
-        return f"{self.method}{self.bits}-{g}{'-sym' if self.symmetric else ''}"
+        suffix = METHODS[self.method].label_suffix(self.settings) if self.settings else ""
+        return f"{self.method}{self.bits}-{g}{'-sym' if self.symmetric else ''}{suffix}"
 
 
 @dataclass(frozen=True)

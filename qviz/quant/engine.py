@@ -1,26 +1,44 @@
-"""The quantization engine: materialize a plan's weights, cache them, swap them in, restore.
+"""The quantization engine: check a plan, materialize and cache its weights, swap them in, restore.
 
 Original tensors are never modified: a plan's dequantized weights are new tensors, swapped in
 by pointing each Parameter's ``.data`` at them and pointed back at the very same original
 tensors on exit (so every parameter is ``torch.equal`` -- indeed identical -- to before).
+
+Dispatch goes through ``qviz.quant.METHODS``: a plan's targets are grouped by method; the
+uncalibrated methods materialize theirs first, then each calibrated method gets the others'
+results (to run the plan's other layers as the plan says).
+
+Locking. ``engine.lock`` (an RLock) guards the swap and every forward under ``quantized()``. A
+plan of uncalibrated methods (RTN) is computed under it (fast). A plan with a calibrated method
+(GPTQ, minutes) holds it only to take a *private copy* of the model: a structural deep copy whose
+parameters share the original weight tensors (no weight memory is copied; buffers are copied),
+built from the originals even inside another plan's block. The run then goes on in a
+``SharedJob`` worker thread on that copy, without the lock, so other sessions keep computing and
+using RTN plans; a second request for the same plan joins the running job (one computation), and
+the job stops at its next layer once every requester has cancelled or left. Its result enters
+the cache under the lock; nothing is cached if it was cancelled or if the originals changed
+while it ran.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from qviz.cancel import Cancelled
 from qviz.models.arch import Adapter, get_adapter, weight_layout
 from qviz.quant.config import QuantConfig, QuantPlan
-from qviz.quant.primitives import fake_quantize
+from qviz.quant.jobs import SharedJob
+from qviz.quant.methods import METHODS, Method, Request, apply
 
 DEFAULT_BUDGET = int(os.environ.get("QVIZ_CACHE_BYTES", 4 << 30))
 
@@ -33,6 +51,11 @@ class Target:
     param: nn.Parameter
     layout: str
     layer: int
+
+    @property
+    def in_features(self) -> int:
+        shape = self.param.shape
+        return shape[0] if self.layout == "in_out" else shape[1]
 
 
 def targets(
@@ -63,15 +86,9 @@ def targets(
 
 
 def quantize_weight(w: torch.Tensor, layout: str, cfg: QuantConfig, name: str) -> torch.Tensor:
-    """Fake-quantize one weight along its input dimension, whatever its layout."""
-    if cfg.method != "rtn":
-        raise NotImplementedError(
-            f"method={cfg.method!r} needs calibration data: use QuantEngine.materialize "
-            "(or qviz.quant.gptq.gptq_materialize), not quantize_weight"
-        )
-    if layout == "in_out":
-        return fake_quantize(w.t(), cfg, name).t().contiguous()
-    return fake_quantize(w, cfg, name)
+    """Quantize one weight along its input dimension, whatever its layout, with an uncalibrated
+    method (a calibrated one raises NotImplementedError: use ``QuantEngine.materialize``)."""
+    return apply(METHODS.get_method(cfg.method), w, layout, cfg, name)
 
 
 def _stamp(t: Target, w: torch.Tensor) -> tuple[int, int]:
@@ -80,8 +97,16 @@ def _stamp(t: Target, w: torch.Tensor) -> tuple[int, int]:
     return w.data_ptr(), t.param._version
 
 
+def _by_method(items) -> dict[Method, list]:
+    """The plan's (target, config, original) items grouped by method, uncalibrated ones first."""
+    groups: dict[Method, list] = {}
+    for item in items:
+        groups.setdefault(METHODS.get_method(item[1].method), []).append(item)
+    return dict(sorted(groups.items(), key=lambda kv: kv[0].calibrated))
+
+
 class QuantEngine:
-    """Materializes and caches plans for one model; swaps them in under a per-model lock.
+    """Checks, materializes and caches plans for one model; swaps them in under a per-model lock.
 
     ``budget_bytes`` bounds the LRU cache of materialized plans (``QVIZ_CACHE_BYTES``, 4 GiB by
     default). The most recently used plan is always kept, even when it alone is over budget.
@@ -95,26 +120,47 @@ class QuantEngine:
         tokenizer=None,
     ) -> None:
         self.model = model
-        self.tokenizer = tokenizer  # for GPTQ calibration; found from the model's path if None
+        self.tokenizer = tokenizer  # for calibration; found from the model's path if None
         self.adapter = adapter or get_adapter(model)
         self.budget_bytes = int(budget_bytes)
         self.lock = threading.RLock()
+        self.progress = True  # tqdm bars for calibrated methods
         self._cache: OrderedDict[QuantPlan, dict[str, torch.Tensor]] = OrderedDict()
         self._sizes: dict[QuantPlan, int] = {}
         self._stamp: dict[str, tuple[int, int]] = {}
         self._targets: dict[QuantPlan, list[tuple[Target, QuantConfig]]] = {}
+        self._checked: set[QuantPlan] = set()
         self._active: list[dict[str, torch.Tensor]] = []  # originals saved by each open block
+        self._jobs: dict[QuantPlan, SharedJob] = {}  # running calibrated plans
+        self._jobs_lock = threading.Lock()
         self.materializations = 0
 
-    # cache ------------------------------------------------------------------------------------
-    def _originals(self, plan: QuantPlan) -> list[tuple[Target, QuantConfig, torch.Tensor]]:
-        def original(t: Target) -> torch.Tensor:
-            for saved in self._active:  # the outermost block that swapped it saved the original
-                if t.name in saved:
-                    return saved[t.name]
-            return t.param.data
+    # checks -----------------------------------------------------------------------------------
+    def check(self, plan: QuantPlan) -> None:
+        """Raise ValueError if ``plan`` cannot run on this model: a layer it names that the model
+        lacks, a group size a Linear's method cannot use (naming the Linear, the value and what
+        would fit), configs of one method that cannot share a run. Cheap (no tensor work, done
+        once per plan): call it when a plan is selected; ``materialize`` calls it first."""
+        if plan in self._checked:
+            return
+        by_method: dict[Method, list[QuantConfig]] = {}
+        for t, cfg in self.targets(plan):
+            method = METHODS.get_method(cfg.method)
+            method.check_group_size(cfg, t.in_features, t.name)
+            by_method.setdefault(method, []).append(cfg)
+        for method, cfgs in by_method.items():
+            method.check_plan(cfgs)
+        self._checked.add(plan)
 
-        return [(t, c, original(t)) for t, c in self.targets(plan)]
+    # cache ------------------------------------------------------------------------------------
+    def _original(self, name: str, param: nn.Parameter) -> torch.Tensor:
+        for saved in self._active:  # the outermost block that swapped it saved the original
+            if name in saved:
+                return saved[name]
+        return param.data
+
+    def _originals(self, plan: QuantPlan) -> list[tuple[Target, QuantConfig, torch.Tensor]]:
+        return [(t, c, self._original(t.name, t.param)) for t, c in self.targets(plan)]
 
     def targets(self, plan: QuantPlan) -> list[tuple[Target, QuantConfig]]:
         """``targets(model, adapter, plan)``, memoized per plan (the module tree is fixed)."""
@@ -139,60 +185,120 @@ class QuantEngine:
     ) -> dict[str, torch.Tensor]:
         """The plan's dequantized weights {name: tensor}, from the cache or computed now.
 
-        ``cancel`` and ``on_progress(done, total)`` reach GPTQ (see ``gptq_materialize``); a
-        cancelled run raises ``GPTQCancelled`` and caches nothing.
+        ``check(plan)`` runs first. A plan with a calibrated method (GPTQ) runs off the lock
+        (see the module docstring); ``on_progress(done, total)`` hears it from done=0 on, per
+        decoder layer. Once ``cancel`` is set the call raises the method's ``Cancelled``
+        (``GPTQCancelled``) at once and the run stops at its next layer unless another request
+        still waits for it; a cancelled run caches nothing.
         """
-        with self.lock:
-            items = self._originals(plan)
-            self._check_stamps(items)
-            if plan in self._cache:
-                self._cache.move_to_end(plan)
-            else:
-                if any(c.method == "gptq" for _, c, _ in items):
-                    weights = self._materialize_gptq(plan, items, cancel, on_progress)
-                else:
-                    weights = {t.name: quantize_weight(w, t.layout, c, t.name) for t, c, w in items}
-                self.materializations += 1
-                self._cache[plan] = weights
-                self._sizes[plan] = sum(w.numel() * w.element_size() for w in weights.values())
-            while len(self._cache) > 1 and sum(self._sizes.values()) > self.budget_bytes:
-                old, _ = self._cache.popitem(last=False)
-                del self._sizes[old]
+        self.check(plan)
+        while True:
+            with self.lock:
+                items = self._originals(plan)
+                self._check_stamps(items)
+                if plan in self._cache:
+                    self._cache.move_to_end(plan)
+                    self._evict()
+                    return self._cache[plan]
+                groups = _by_method(items)
+                if not any(m.calibrated for m in groups):
+                    weights = {}
+                    for method, its in groups.items():
+                        weights.update(method.materialize(self._request(plan, its)))
+                    return self._store(plan, weights, items)
+                with self._jobs_lock:
+                    job = self._jobs.get(plan)
+                    if job is None or job.finished:
+                        job = self._jobs[plan] = self._start_job(plan, items, groups)
+                token = job.join(cancel, on_progress)
+            try:
+                weights = job.wait(token)  # off the lock
+            except Cancelled:
+                if cancel is not None and cancel.is_set():
+                    raise
+                continue  # cancelled by others just as we joined: run it again for us
+            with self.lock:
+                return self._store(plan, weights, items)
+
+    def _request(self, plan, items, model=None, done=None, cancel=None, on_progress=None):
+        return Request(
+            model=self.model if model is None else model,
+            adapter=self.adapter,
+            plan=plan,
+            items=items,
+            done=done or {},
+            tokenizer=self.tokenizer,
+            cancel=cancel,
+            on_progress=on_progress,
+            progress=self.progress,
+        )
+
+    def _start_job(self, plan: QuantPlan, items, groups) -> SharedJob:
+        """Under the lock: a private copy of the model, then the job that runs on it."""
+        private = self._private_model()
+        self._calibration_tokenizer()
+        slow = [m for m in groups if m.calibrated]
+
+        def work(cancel, progress) -> dict[str, torch.Tensor]:
+            weights: dict[str, torch.Tensor] = {}
+            for method, its in groups.items():
+                req = self._request(plan, its, private, dict(weights), cancel, progress)
+                weights.update(method.materialize(req))
+            return weights
+
+        def cancelled(last):
+            where = f" before decoder layer {last[0]} of {last[1]}" if last else ""
+            return slow[0].cancelled(f"{'+'.join(m.name for m in slow)} cancelled{where}")
+
+        def abandon():
+            with self._jobs_lock:
+                if self._jobs.get(plan) is job:
+                    del self._jobs[plan]
+
+        job = SharedJob(work, cancelled, abandon, name=f"qviz {plan.label}")
+        job.start()
+        return job
+
+    def _store(self, plan: QuantPlan, weights: dict[str, torch.Tensor], items):
+        """Under the lock: cache ``weights`` (unless the originals changed since ``items``)."""
+        with self._jobs_lock:
+            self._jobs.pop(plan, None)
+        if plan in self._cache:
             return self._cache[plan]
+        if any(
+            _stamp(t, w) != _stamp(t2, w2)
+            for (t, _, w), (t2, _, w2) in zip(items, self._originals(plan), strict=True)
+        ):
+            return weights  # computed from weights that have since changed: not cached
+        self.materializations += 1
+        self._cache[plan] = weights
+        self._sizes[plan] = sum(w.numel() * w.element_size() for w in weights.values())
+        self._evict()
+        return weights
+
+    def _evict(self) -> None:
+        """Drop least recently used plans while over budget (the newest one always stays)."""
+        while len(self._cache) > 1 and sum(self._sizes.values()) > self.budget_bytes:
+            old, _ = self._cache.popitem(last=False)
+            del self._sizes[old]
+
+    def _private_model(self) -> nn.Module:
+        """A deep copy of the model whose parameters are new Parameters on the *original* weight
+        tensors (shared, never copied: nobody writes to them); buffers and config are copied."""
+        originals: dict[int, torch.Tensor] = {id(p): p.data for p in self.model.parameters()}
+        for saved in reversed(self._active):  # the outermost block's saved tensors win
+            for name, w in saved.items():
+                originals[id(self.model.get_submodule(name).weight)] = w
+        memo = {}
+        for p in self.model.parameters():
+            memo[id(p)] = nn.Parameter(originals[id(p)], requires_grad=p.requires_grad)
+        return copy.deepcopy(self.model, memo)
 
     def clear(self) -> None:
         """Forget every materialized plan."""
         with self.lock:
             self._cache.clear()
             self._sizes.clear()
-
-    def _materialize_gptq(
-        self, plan: QuantPlan, items, cancel=None, on_progress=None
-    ) -> dict[str, torch.Tensor]:
-        """GPTQ over the decoder layers (bundled calibration text, verified disk cache) on the
-        original weights; embeddings (if the plan has them) by round-to-nearest."""
-        from qviz.quant.gptq import cached_gptq_materialize, calibration_ids
-
-        calib = calibration_ids(
-            self._calibration_tokenizer(),
-            n_seq=int(os.environ.get("QVIZ_GPTQ_NSEQ", 128)),
-            seq_len=int(os.environ.get("QVIZ_GPTQ_SEQLEN", 256)),
-            vocab_size=getattr(getattr(self.model, "config", None), "vocab_size", None),
-        )
-        current = {t.name: t.param.data for t, _, _ in items}
-        try:  # run calibration on the originals even inside another plan's block
-            for t, _, w in items:
-                t.param.data = w
-            weights = cached_gptq_materialize(
-                self.model, self.adapter, plan, calib, cancel=cancel, on_progress=on_progress
-            )
-        finally:
-            for t, _, _ in items:
-                t.param.data = current[t.name]
-        for t, c, w in items:
-            if t.name not in weights:  # embeddings: no Hessian for them, round-to-nearest
-                weights[t.name] = quantize_weight(w, t.layout, replace(c, method="rtn"), t.name)
-        return weights
 
     def _calibration_tokenizer(self):
         if self.tokenizer is None:
@@ -213,7 +319,11 @@ class QuantEngine:
     # swap -------------------------------------------------------------------------------------
     @contextmanager
     def quantized(self, plan: QuantPlan) -> Iterator[nn.Module]:
-        """Swap ``plan``'s weights in for the block; restore the previous tensors on exit."""
+        """Swap ``plan``'s weights in for the block; restore the previous tensors on exit.
+
+        The plan is materialized before the lock is taken, so a slow method's run does not
+        block other threads (unless this thread already holds the lock)."""
+        self.materialize(plan)
         with self.lock:
             weights = self.materialize(plan)
             params = {t.name: t.param for t, _ in self.targets(plan)}

@@ -3,7 +3,10 @@
 ``gptq_quantize`` quantizes one [out, in] weight given the Hessian proxy H = 2/N * X^T X of its
 inputs; ``gptq_materialize`` runs it layer by layer over a model's decoder layers on calibration
 inputs (each layer fed the outputs of the already quantized layers before it);
-``cached_gptq_materialize`` keeps the results on disk, verified by a content hash.
+``cached_gptq_materialize`` keeps the results on disk, verified by a content hash. ``GPTQ`` is
+the method object registered in ``qviz.quant.METHODS``: its settings are ``damp``,
+``act_order`` and the calibration size ``n_seq`` x ``seq_len`` (default: the environment
+variables ``QVIZ_GPTQ_NSEQ`` / ``QVIZ_GPTQ_SEQLEN``, else 128 x 256).
 
 Group scale/zero follow ``primitives``: column j belongs to group j // group_size (ragged last
 group), with the same ``_scale_zero`` and rounding formula as round-to-nearest; they are computed
@@ -26,13 +29,99 @@ from torch import nn
 from qviz.cancel import Cancelled
 from qviz.models.arch import Adapter, weight_layout
 from qviz.quant.config import QuantConfig, QuantPlan
-from qviz.quant.primitives import _scale_zero, fake_quantize, group_size_for
+from qviz.quant.methods import METHODS, Method, Request, apply
+from qviz.quant.primitives import _scale_zero, group_size_for
 
 BLOCKSIZE = 128
 
 
 class GPTQCancelled(Cancelled):
     """Raised when a GPTQ run is cancelled; the model is left exactly as it was."""
+
+
+# the method ----------------------------------------------------------------------------------
+def _positive_int(key: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key} must be a positive int (or None: the default), got {value!r}")
+    return value
+
+
+class GPTQ(Method):
+    """GPTQ (Frantar et al. 2022), calibrated on windows of the bundled text.
+
+    Settings: ``damp`` in (0, 1) (fraction of mean diag H added before inverting), ``act_order``
+    (quantize columns by decreasing H diagonal), ``n_seq`` x ``seq_len`` calibration tokens
+    (None: ``QVIZ_GPTQ_NSEQ`` / ``QVIZ_GPTQ_SEQLEN``, else 128 x 256, read when the plan runs).
+    All GPTQ layers of one plan share one calibration pass, so they must agree on its size.
+    """
+
+    name = "gptq"
+    calibrated = True
+    defaults = {"damp": 0.01, "act_order": False, "n_seq": None, "seq_len": None}
+    cancelled = GPTQCancelled
+    _ENV = {"n_seq": ("QVIZ_GPTQ_NSEQ", 128), "seq_len": ("QVIZ_GPTQ_SEQLEN", 256)}
+
+    def check_setting(self, key: str, value):
+        if key == "damp":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+                raise ValueError(f"damp must be in (0, 1), got damp={value!r}")
+            return float(value)
+        if key == "act_order":
+            if not isinstance(value, bool):
+                raise ValueError(f"act_order must be True or False, got act_order={value!r}")
+            return value
+        return None if value is None else _positive_int(key, value)
+
+    def resolve(self, settings) -> dict:
+        values = super().resolve(settings)
+        for key, (env, default) in self._ENV.items():
+            if values[key] is None:
+                values[key] = _positive_int(env, int(os.environ.get(env, default)))
+        return values
+
+    def label_suffix(self, settings) -> str:
+        s = dict(settings)
+        out = "-ao" if s.get("act_order") else ""
+        out += f"-damp{s['damp']:g}" if "damp" in s else ""
+        if "n_seq" in s or "seq_len" in s:
+            out += f"-cal{s.get('n_seq', 'env')}x{s.get('seq_len', 'env')}"
+        return out
+
+    def check_plan(self, cfgs: list[QuantConfig]) -> None:
+        sizes = {(dict(c.settings).get("n_seq"), dict(c.settings).get("seq_len")) for c in cfgs}
+        if len(sizes) > 1:
+            raise ValueError(
+                "the GPTQ layers of one plan share one calibration pass: give them the same "
+                f"n_seq and seq_len, got (n_seq, seq_len) in {sorted(sizes, key=str)}"
+            )
+
+    def materialize(self, req: Request) -> dict[str, torch.Tensor]:
+        """GPTQ over the decoder layers on ``req.model`` (bundled calibration text, verified disk
+        cache); the plan's other layers as ``req.done`` has them; embeddings round-to-nearest."""
+        cfgs = [c for _, c, _ in req.items]
+        self.check_plan(cfgs)
+        s = self.resolve(cfgs[0].settings)
+        calib = calibration_ids(
+            req.tokenizer,
+            n_seq=s["n_seq"],
+            seq_len=s["seq_len"],
+            vocab_size=getattr(getattr(req.model, "config", None), "vocab_size", None),
+        )
+        weights = cached_gptq_materialize(
+            req.model,
+            req.adapter,
+            req.plan,
+            calib,
+            progress=req.progress,
+            cancel=req.cancel,
+            on_progress=req.on_progress,
+            prior=req.done,
+        )
+        rtn = METHODS["rtn"]  # embeddings: no Hessian for them, round-to-nearest
+        return {
+            t.name: weights[t.name] if t.name in weights else apply(rtn, w, t.layout, c, t.name)
+            for t, c, w in req.items
+        }
 
 
 # one weight ------------------------------------------------------------------------------------
@@ -68,14 +157,14 @@ def gptq_quantize(
     H[dead, dead] = 1
     W[:, dead] = 0
 
-    if cfg.act_order:
+    if cfg.setting("act_order"):
         perm = torch.argsort(H.diagonal(), descending=True)
     else:
         perm = torch.arange(n_in, device=w.device)
     invperm = torch.argsort(perm)
     W = W[:, perm]
     H = H[perm][:, perm]
-    Hinv = _inverse_cholesky(H, cfg.damp).float()
+    Hinv = _inverse_cholesky(H, cfg.setting("damp")).float()
 
     group_of = (perm // g).tolist()  # group of each permuted position
     scale = torch.empty(W.shape[0], (n_in + g - 1) // g, device=w.device)
@@ -152,13 +241,17 @@ def gptq_materialize(
     batch: int = 16,
     cancel: threading.Event | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    prior: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """{name: dequantized weight} of every decoder Linear ``plan`` quantizes, computed
-    sequentially (GPTQ for gptq configs, round-to-nearest for rtn ones). Every parameter is left
-    exactly as it was (its ``.data`` is swapped temporarily and restored).
+    sequentially: GPTQ for GPTQ configs; the other layers as ``prior`` has them, else by their
+    (uncalibrated) method's ``quantize_weight``, and fed forward so that later layers calibrate
+    on the plan's own outputs. Every parameter is left exactly as it was (its ``.data`` is
+    swapped temporarily and restored).
 
     ``cancel``: when set, stops before the next layer with ``GPTQCancelled``.
-    ``on_progress(done, total)``: called after each decoder layer (e.g. an app's progress bar).
+    ``on_progress(done, total)``: called with done=0 before the calibration inputs are captured,
+    then after each decoder layer (e.g. an app's progress bar and time estimate).
     """
     from tqdm.auto import tqdm
 
@@ -166,7 +259,10 @@ def gptq_materialize(
     plan.check_layers(len(layers))
     device = next(model.parameters()).device
     calib_ids = calib_ids.to(device)
+    prior = prior or {}
     out: dict[str, torch.Tensor] = {}
+    if on_progress is not None:
+        on_progress(0, len(layers))
     with torch.no_grad():
         chunks = _capture_inputs(model, layers[0], calib_ids, batch)
         for i in tqdm(range(len(layers)), desc="GPTQ", disable=not progress):
@@ -175,7 +271,8 @@ def gptq_materialize(
             layer, cfg = layers[i], plan.config_for(i)
             mods = {rel: layer.get_submodule(rel) for rel in adapter.linears}
             new: dict[str, torch.Tensor] = {}
-            if cfg is not None and cfg.method == "gptq":
+            method = METHODS.get_method(cfg.method) if cfg is not None else None
+            if isinstance(method, GPTQ):
                 hess, shared = _hessians(layer, mods, chunks)
                 for rels in shared:  # Linears reading one input share H: quantize them stacked
                     ws = [_out_in(mods[r]) for r in rels]
@@ -183,13 +280,13 @@ def gptq_materialize(
                     for rel, part in zip(rels, q.split([w.shape[0] for w in ws]), strict=True):
                         mod = mods[rel]
                         new[rel] = part.t().contiguous() if weight_layout(mod) == "in_out" else part
-            elif cfg is not None:
+            elif method is not None:
                 for rel, mod in mods.items():
-                    w = mod.weight.data
-                    if weight_layout(mod) == "in_out":
-                        new[rel] = fake_quantize(w.t(), cfg, rel).t().contiguous()
-                    else:
-                        new[rel] = fake_quantize(w, cfg, rel)
+                    name = f"{adapter.layers}.{i}.{rel}"
+                    if name in prior:
+                        new[rel] = prior[name]
+                    elif not method.calibrated:
+                        new[rel] = apply(method, mod.weight.data, weight_layout(mod), cfg, name)
             for rel, q in new.items():
                 out[f"{adapter.layers}.{i}.{rel}"] = q
             if i + 1 < len(layers):
@@ -337,7 +434,7 @@ def save_cache(path: Path, key: str, tensors: dict[str, torch.Tensor]) -> None:
 
     cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp = path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
     save_file(cpu, str(tmp), metadata={"key": key, "sha256": _contents_sha(cpu)})
     os.replace(tmp, path)
 
@@ -369,8 +466,11 @@ def cached_gptq_materialize(
     progress: bool = True,
     cancel: threading.Event | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    prior: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """``gptq_materialize`` through the verified disk cache (a cancelled run writes nothing)."""
+    """``gptq_materialize`` through the verified disk cache (a cancelled run writes nothing).
+
+    The key covers the plan, so ``prior`` must be what the plan's other methods give."""
     key = cache_key(model, plan, calib_ids)
     path = cache_path(model, plan, calib_ids)
     loaded = load_cache(path, key)
@@ -381,7 +481,14 @@ def cached_gptq_materialize(
             out[k] = v.to(device=ref.device, dtype=ref.dtype)
         return out
     weights = gptq_materialize(
-        model, adapter, plan, calib_ids, progress=progress, cancel=cancel, on_progress=on_progress
+        model,
+        adapter,
+        plan,
+        calib_ids,
+        progress=progress,
+        cancel=cancel,
+        on_progress=on_progress,
+        prior=prior,
     )
     try:
         save_cache(path, key, weights)

@@ -40,6 +40,23 @@ class QTensor:
         return tuple(self.codes.shape)
 
 
+def group_size_ok(group_size: int | None, in_features: int) -> bool:
+    """Whether ``group_size`` fits a Linear of ``in_features`` inputs: None (one group per output
+    row), a divisor of ``in_features``, or a multiple of 32 (ragged last group)."""
+    return group_size is None or in_features % group_size == 0 or group_size % 32 == 0
+
+
+def group_size_error(group_size: int, in_features: int, name: str, method: str = "") -> str:
+    """The message for a group size that fits neither rule, with what would fit."""
+    divisors = [d for d in range(1, min(in_features, 256) + 1) if in_features % d == 0][-4:]
+    of = f" for method={method!r}" if method else ""
+    return (
+        f"group_size={group_size} does not divide in_features={in_features} of {name} and is "
+        f"not a multiple of 32{of}; use a divisor such as {divisors}, a multiple of 32, or "
+        f"group_size=None (one group per output row)"
+    )
+
+
 def group_size_for(cfg: QuantConfig, in_features: int, name: str = "weight") -> int:
     """The effective group size of a layer with ``in_features`` inputs.
 
@@ -48,14 +65,9 @@ def group_size_for(cfg: QuantConfig, in_features: int, name: str = "weight") -> 
     does (e.g. 128 on SmolLM2's 576-wide layers: 4 groups of 128 and one of 64). Otherwise a
     ValueError names the layer.
     """
+    if not group_size_ok(cfg.group_size, in_features):
+        raise ValueError(group_size_error(cfg.group_size, in_features, name))
     g = in_features if cfg.group_size is None else cfg.group_size
-    if in_features % g and g % 32:
-        divisors = [d for d in range(1, min(in_features, 256) + 1) if in_features % d == 0][-4:]
-        raise ValueError(
-            f"group_size={g} does not divide in_features={in_features} of {name} and is not a "
-            f"multiple of 32; use a divisor such as {divisors}, a multiple of 32, or "
-            f"group_size=None (one group per output row)"
-        )
     return min(g, in_features)
 
 
