@@ -109,9 +109,9 @@ def bench_gptq(model_name: str = "smollm2-135m") -> None:
     from qviz.quant.engine import QuantEngine
 
     model, tok = load_model(model_name)
-    n_seq = int(os.environ.get("QVIZ_GPTQ_NSEQ", 128))
-    seq_len = int(os.environ.get("QVIZ_GPTQ_SEQLEN", 256))
-    gptq = QuantPlan.uniform(QuantConfig(bits=4, group_size=128, method="gptq"))
+    cfg = QuantConfig(bits=4, group_size=128, method="gptq")  # calibration size: env or default
+    n_seq, seq_len = cfg.setting("n_seq"), cfg.setting("seq_len")
+    gptq = QuantPlan.uniform(cfg)
     rtn = QuantPlan.uniform(QuantConfig(bits=4, group_size=128))
     print(f"qviz bench gptq: {model_name}, {n_seq} x {seq_len} calibration tokens, 4-bit g128")
     old = os.environ.get("QVIZ_CACHE")

@@ -44,7 +44,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         return 2
     rows = []
     plans = [("fp", QuantPlan.none())] + [
-        (str(b), QuantPlan.uniform(QuantConfig(bits=b, group_size=args.group_size)))
+        (str(b), QuantPlan.uniform(QuantConfig(b, args.group_size, method=args.method)))
         for b in args.bits
     ]
     for label, plan in plans:
@@ -120,6 +120,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench.run(args.what, model=args.model)
 
 
+def method_names() -> list[str]:
+    """The quantization methods to choose from: the registry's names."""
+    from qviz.quant.methods import METHODS
+
+    return list(METHODS)
+
+
 def bench_registry() -> dict:
     from qviz.bench import BENCHES
 
@@ -136,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--bits", type=_bits, default=[2, 3, 4, 8])
     p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--method", choices=method_names(), default="rtn")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--target", default=" Paris")
     p.add_argument("--json", action="store_true")

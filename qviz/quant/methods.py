@@ -105,10 +105,19 @@ class Method:
 
     def check_group_size(self, cfg: QuantConfig, in_features: int, name: str) -> None:
         """Raise ValueError naming ``name``, the value and what would fit."""
-        if not self.group_size_ok(cfg.group_size, in_features):
+        g = cfg.group_size
+        if self.group_size_ok(g, in_features):
+            return
+        if type(self).group_size_ok is Method.group_size_ok:  # the default rule: its own hint
             from qviz.quant.primitives import group_size_error
 
-            raise ValueError(group_size_error(cfg.group_size, in_features, name, self.name))
+            raise ValueError(group_size_error(g, in_features, name, self.name))
+        fits = [d for d in range(1, in_features + 1) if self.group_size_ok(d, in_features)]
+        fits += [None] if self.group_size_ok(None, in_features) else []
+        raise ValueError(
+            f"group_size={g} cannot be used by method={self.name!r} on {name} "
+            f"(in_features={in_features}); sizes it can use there: {fits[-5:] or 'none'}"
+        )
 
     def check_plan(self, cfgs: list[QuantConfig]) -> None:
         """Raise ValueError if this method's configs cannot run together in one plan."""

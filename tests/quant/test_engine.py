@@ -3,6 +3,7 @@ import torch
 
 from qviz.quant import QuantConfig, QuantPlan, quantized
 from qviz.quant.engine import QuantEngine, engine_for, targets
+from tests.conftest import tiny_llama
 
 
 def _snapshot(model):
@@ -113,7 +114,59 @@ def test_nested_blocks_restore_the_outer_plan(tiny_model):
 
 
 def test_engine_is_per_model_and_shared():
-    from tests.conftest import tiny_llama
-
     a, b = tiny_llama(), tiny_llama()
     assert engine_for(a) is engine_for(a) and engine_for(a) is not engine_for(b)
+
+
+def _llama_576():
+    """One decoder layer as wide as SmolLM2's (576): its Linears read 576 or 1536 inputs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=97,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=1,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(cfg).eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize(
+    "make, plan, match",
+    [
+        (
+            "tiny",
+            QuantPlan.only_layers(QuantConfig(bits=4, group_size=32), [99]),
+            r"layers \[99\].*3 decoder layers \(0\.\.2\)",
+        ),
+        (
+            "576",
+            QuantPlan.uniform(QuantConfig(bits=4, group_size=100)),
+            r"group_size=100 does not divide in_features=576 of model\.layers\.0\.self_attn"
+            r"\.q_proj.*divisor such as \[.*192\], a multiple of 32, or group_size=None",
+        ),
+        (
+            "576",
+            QuantPlan.uniform(QuantConfig(bits=4, group_size=100, method="gptq")),
+            r"group_size=100 .*in_features=576 of model\.layers\.0\.self_attn\.q_proj",
+        ),
+    ],
+)
+def test_check_refuses_a_bad_plan_before_any_work(make, plan, match):
+    model = tiny_llama() if make == "tiny" else _llama_576()
+    snap = _snapshot(model)
+    engine = QuantEngine(model)
+    with pytest.raises(ValueError, match=match):
+        engine.check(plan)
+    with pytest.raises(ValueError, match=match):
+        engine.materialize(plan)
+    with pytest.raises(ValueError, match=match):
+        with engine.quantized(plan):
+            raise AssertionError("never entered")
+    assert engine.cached_plans == [] and engine.materializations == 0 and not engine._jobs
+    _assert_restored(model, snap)
+    engine.check(QuantPlan.uniform(QuantConfig(bits=4, group_size=64)))  # ragged 576 = 9 x 64 ok

@@ -212,3 +212,117 @@ def test_cancel_leaves_model_and_cache_untouched(tmp_path, monkeypatch):
     steps = []
     engine.materialize(plan, on_progress=lambda d, t: steps.append(d))
     assert steps == [0, 1, 2, 3] and engine.cached_plans == [plan]
+
+
+# concurrency: GPTQ off the engine lock, one run per plan ----------------------------------------
+SMALL = QuantConfig(bits=3, group_size=32, method="gptq", n_seq=4, seq_len=16)
+JOIN_S = 120  # only to detect a deadlock
+
+
+def _start(fn):
+    import threading
+
+    box = {}
+
+    def run():
+        try:
+            box["result"] = fn()
+        except BaseException as err:
+            box["error"] = err
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, box
+
+
+def test_rtn_plans_run_while_gptq_is_paused(tmp_path, monkeypatch):
+    """A GPTQ run paused inside on_progress holds no lock: another thread materializes an RTN
+    plan and runs a forward under it meanwhile. GPTQ then finishes while that RTN plan is swapped
+    into the shared model, and its result equals a run on the untouched model."""
+    import threading
+
+    monkeypatch.setenv("QVIZ_CACHE", str(tmp_path))
+    model = tiny_llama()
+    snap = {k: v.clone() for k, v in model.state_dict().items()}
+    engine, plan = QuantEngine(model), QuantPlan.uniform(SMALL)
+    rtn = QuantPlan.uniform(QuantConfig(bits=2, group_size=32))
+    paused, resume, last_layer, seen = threading.Event(), threading.Event(), threading.Event(), []
+
+    def on_progress(done, total):
+        seen.append(done)
+        if done == 1:
+            paused.set()
+            resume.wait(JOIN_S)
+        if done == total:
+            last_layer.set()
+
+    gptq_thread, gptq_box = _start(lambda: engine.materialize(plan, on_progress=on_progress))
+    assert paused.wait(JOIN_S)
+
+    def rtn_work():
+        engine.materialize(rtn)
+        with engine.quantized(rtn), torch.no_grad():
+            return model(torch.arange(8)[None]).logits
+
+    rtn_thread, rtn_box = _start(rtn_work)
+    rtn_thread.join(JOIN_S)
+    assert not rtn_thread.is_alive(), "RTN waited for the paused GPTQ run"
+    assert "error" not in rtn_box and torch.isfinite(rtn_box["result"]).all()
+    assert gptq_thread.is_alive() and seen == [0, 1]  # still paused at layer 1
+
+    with engine.quantized(rtn):  # the shared weights are RTN's while GPTQ runs layers 1 and 2
+        resume.set()
+        assert last_layer.wait(JOIN_S)
+    gptq_thread.join(JOIN_S)
+    assert not gptq_thread.is_alive() and "error" not in gptq_box
+    assert seen == [0, 1, 2, 3] and set(engine.cached_plans) == {rtn, plan}
+    for k, v in model.state_dict().items():
+        assert torch.equal(snap[k], v), k
+    calib = gptq.calibration_ids(None, n_seq=4, seq_len=16, vocab_size=97)
+    ref = gptq.gptq_materialize(model, get_adapter(model), plan, calib, progress=False)
+    assert set(ref) == set(gptq_box["result"])
+    assert all(torch.equal(ref[k], gptq_box["result"][k]) for k in ref)
+
+
+def test_two_requests_share_one_run_and_one_may_leave(tmp_path, monkeypatch):
+    """The second request for a running plan joins it (one GPTQ run); when the first is
+    cancelled the run goes on for the second, which gets the result."""
+    import threading
+
+    monkeypatch.setenv("QVIZ_CACHE", str(tmp_path))
+    calls, real = [], gptq.gptq_materialize
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(gptq, "gptq_materialize", counting)
+    model = tiny_llama()
+    engine, plan = QuantEngine(model), QuantPlan.uniform(SMALL)
+    paused, resume = threading.Event(), threading.Event()
+    first_cancel, second_seen = threading.Event(), []
+
+    def first_progress(done, total):
+        if done == 1:
+            paused.set()
+            resume.wait(JOIN_S)
+
+    first, first_box = _start(
+        lambda: engine.materialize(plan, cancel=first_cancel, on_progress=first_progress)
+    )
+    assert paused.wait(JOIN_S)
+    second, second_box = _start(
+        lambda: engine.materialize(plan, on_progress=lambda d, t: second_seen.append(d))
+    )
+    while not second_seen:  # the late joiner hears the latest progress at once
+        second.join(0.01)
+    first_cancel.set()
+    first.join(JOIN_S)
+    assert isinstance(first_box.get("error"), gptq.GPTQCancelled)
+    assert "layer 1 of 3" in str(first_box["error"])
+    resume.set()
+    second.join(JOIN_S)
+    assert not second.is_alive() and "error" not in second_box
+    assert len(calls) == 1 and second_seen == [1, 2, 3]
+    assert engine.cached_plans == [plan] and engine.materializations == 1
+    assert engine.materialize(plan) is second_box["result"]
