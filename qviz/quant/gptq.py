@@ -3,7 +3,8 @@
 ``gptq_quantize`` quantizes one [out, in] weight given the Hessian proxy H = 2/N * X^T X of its
 inputs; ``gptq_materialize`` runs it layer by layer over a model's decoder layers on calibration
 inputs (each layer fed the outputs of the already quantized layers before it);
-``cached_gptq_materialize`` keeps the results on disk, verified by a content hash. ``GPTQ`` is
+``cached_gptq_materialize`` keeps the results on disk, verified by a content hash (helpers
+shared by calibrated methods: ``calibrated.py``). ``GPTQ`` is
 the method object registered in ``qviz.quant.METHODS``: its settings are ``damp``,
 ``act_order`` and the calibration size ``n_seq`` x ``seq_len`` (default: the environment
 variables ``QVIZ_GPTQ_NSEQ`` / ``QVIZ_GPTQ_SEQLEN``, else 128 x 256).
@@ -28,6 +29,13 @@ from torch import nn
 
 from qviz.cancel import Cancelled
 from qviz.models.arch import Adapter, weight_layout
+from qviz.quant.calibrated import (  # re-exported: gptq.calibration_ids & co. keep working
+    _sha,
+    calibration_ids,
+    load_cache,
+    model_fingerprint,
+    save_cache,
+)
 from qviz.quant.config import QuantConfig, QuantPlan
 from qviz.quant.methods import METHODS, Method, Request, apply
 from qviz.quant.primitives import _scale_zero, group_size_for
@@ -358,57 +366,7 @@ def _run_layer(layer: nn.Module, weights: dict[nn.Module, torch.Tensor], chunks)
             m.weight.data = w
 
 
-# calibration ---------------------------------------------------------------------------------
-def _token_ids(tokenizer, text: str, vocab_size: int | None) -> list[int]:
-    if tokenizer is None:  # byte-level fallback (tiny test models without a tokenizer)
-        return [b % (vocab_size or 256) for b in text.encode()]
-    if hasattr(tokenizer, "encode"):
-        return list(tokenizer.encode(text, add_special_tokens=False))
-    return list(tokenizer(text)["input_ids"])
-
-
-def calibration_ids(
-    tokenizer,
-    text: str | None = None,
-    n_seq: int = 128,
-    seq_len: int = 256,
-    seed: int = 0,
-    vocab_size: int | None = None,
-) -> torch.Tensor:
-    """[n_seq, seq_len] int64 windows of ``text`` (default: the bundled prose) at positions drawn
-    by a torch.Generator seeded with ``seed``. ``tokenizer=None``: bytes mod ``vocab_size``."""
-    if text is None:
-        from qviz.data import load_text
-
-        text = load_text()
-    ids = _token_ids(tokenizer, text, vocab_size)
-    if not ids:
-        raise ValueError("calibration text is empty")
-    while len(ids) < seq_len:
-        ids = ids + ids
-    ids_t = torch.tensor(ids, dtype=torch.long)
-    gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(ids) - seq_len + 1, (n_seq,), generator=gen)
-    return torch.stack([ids_t[s : s + seq_len] for s in starts.tolist()])
-
-
 # disk cache ----------------------------------------------------------------------------------
-def _sha(t: torch.Tensor) -> str:
-    t = t.detach().cpu().contiguous()
-    return hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
-
-
-def model_fingerprint(model: nn.Module, samples: int = 64) -> str:
-    """model_type + sha256 of every parameter's name, shape, dtype and a few strided samples."""
-    h = hashlib.sha256()
-    for name, p in sorted(model.named_parameters(), key=lambda x: x[0]):
-        flat = p.detach().reshape(-1)
-        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
-        h.update(_sha(flat[:: max(1, flat.numel() // samples)][:samples].float()).encode())
-    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-    return f"{model_type}-{h.hexdigest()}"
-
-
 def cache_key(model: nn.Module, plan: QuantPlan, calib_ids: torch.Tensor) -> str:
     ids = calib_ids.to(torch.long)
     raw = json.dumps([model_fingerprint(model), repr(plan), _sha(ids), list(ids.shape)])
@@ -419,43 +377,6 @@ def cache_path(model: nn.Module, plan: QuantPlan, calib_ids: torch.Tensor) -> Pa
     from qviz.models.load import cache_dir
 
     return cache_dir() / "gptq" / f"{cache_key(model, plan, calib_ids)}.safetensors"
-
-
-def _contents_sha(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name]
-        h.update(f"{name}{tuple(t.shape)}{t.dtype}{_sha(t)}".encode())
-    return h.hexdigest()
-
-
-def save_cache(path: Path, key: str, tensors: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
-
-    cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
-    save_file(cpu, str(tmp), metadata={"key": key, "sha256": _contents_sha(cpu)})
-    os.replace(tmp, path)
-
-
-def load_cache(path: Path, key: str) -> dict[str, torch.Tensor] | None:
-    """The cached tensors, or None when missing, unreadable, for another key or corrupt."""
-    if not path.exists():
-        return None
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # truncated or garbled file
-        warnings.warn(f"GPTQ cache {path} is unreadable ({err}); rebuilding it", stacklevel=2)
-        return None
-    if meta.get("key") != key or meta.get("sha256") != _contents_sha(tensors):
-        warnings.warn(f"GPTQ cache {path} failed verification; rebuilding it", stacklevel=2)
-        return None
-    return tensors
 
 
 def cached_gptq_materialize(

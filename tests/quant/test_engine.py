@@ -119,19 +119,12 @@ def test_engine_is_per_model_and_shared():
 
 
 def _llama_576():
-    """One decoder layer as wide as SmolLM2's (576): its Linears read 576 or 1536 inputs."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """tiny_llama's config made as wide as SmolLM2 (576 inputs; MLP 1536), one decoder layer."""
+    from transformers import LlamaForCausalLM
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=97,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=1,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        max_position_embeddings=64,
-    )
+    cfg = tiny_llama().config
+    cfg.update({"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 1})
+    cfg.update({"num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64})
     return LlamaForCausalLM(cfg).eval().requires_grad_(False)
 
 
