@@ -91,8 +91,11 @@ class GPTQ(Method):
         s = dict(settings)
         out = "-ao" if s.get("act_order") else ""
         out += f"-damp{s['damp']:g}" if "damp" in s else ""
-        if "n_seq" in s or "seq_len" in s:
-            out += f"-cal{s.get('n_seq', 'env')}x{s.get('seq_len', 'env')}"
+        if "n_seq" in s and "seq_len" in s:
+            out += f"-cal{s['n_seq']}x{s['seq_len']}"
+        else:
+            out += f"-nseq{s['n_seq']}" if "n_seq" in s else ""
+            out += f"-seqlen{s['seq_len']}" if "seq_len" in s else ""
         return out
 
     def check_plan(self, cfgs: list[QuantConfig]) -> None:

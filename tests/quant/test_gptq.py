@@ -326,3 +326,20 @@ def test_two_requests_share_one_run_and_one_may_leave(tmp_path, monkeypatch):
     assert len(calls) == 1 and second_seen == [1, 2, 3]
     assert engine.cached_plans == [plan] and engine.materializations == 1
     assert engine.materialize(plan) is second_box["result"]
+
+
+def test_a_plan_mixing_methods_feeds_gptq_the_rtn_layers(tmp_path, monkeypatch):
+    """RTN on layer 0 (materialized first, handed to GPTQ), GPTQ on layers 1-2 calibrated on
+    layer 0's RTN outputs: the same weights as one sequential run over the whole plan."""
+    monkeypatch.setenv("QVIZ_CACHE", str(tmp_path))
+    model = tiny_llama()
+    rtn = QuantConfig(bits=4, group_size=32)
+    plan = QuantPlan(default=SMALL, overrides=((0, rtn),))
+    engine = QuantEngine(model)
+    engine.progress = False
+    weights = engine.materialize(plan)
+    q0 = model.model.layers[0].self_attn.q_proj.weight
+    assert torch.equal(weights["model.layers.0.self_attn.q_proj"], fake_quantize(q0, rtn))
+    calib = gptq.calibration_ids(None, n_seq=4, seq_len=16, vocab_size=97)
+    ref = gptq.gptq_materialize(model, get_adapter(model), plan, calib, progress=False)
+    assert set(ref) == set(weights) and all(torch.equal(ref[k], weights[k]) for k in ref)

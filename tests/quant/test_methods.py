@@ -39,6 +39,7 @@ def test_gptq_settings_normalized_hashable_and_read_back():
     assert (a.setting("damp"), a.act_order, a.n_seq) == (0.05, True, 8)
     assert a.label == "gptq4-g64-ao-damp0.05-cal8x32"
     assert a != QuantConfig(4, 64, method="gptq")
+    assert QuantConfig(4, method="gptq", n_seq=8).label == "gptq4-g128-nseq8"
     with pytest.raises(AttributeError):
         a.default = 1
 
