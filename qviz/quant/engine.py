@@ -208,7 +208,7 @@ class QuantEngine:
                     return self._store(plan, weights, items)
                 with self._jobs_lock:
                     job = self._jobs.get(plan)
-                    if job is None or job.finished:
+                    if job is None or (job.finished and job.error is not None):
                         job = self._jobs[plan] = self._start_job(plan, items, groups)
                 token = job.join(cancel, on_progress)
             try:
