@@ -1,48 +1,103 @@
-"""The Lab: the one object users script. It owns the model, the engine and activation caches."""
+"""The Lab: the one object users script. Orchestration only; the studies live in qviz.studies."""
 
 from __future__ import annotations
 
+import os
 import threading
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
 from contextlib import contextmanager
 
 import numpy as np
-import pandas as pd
 import torch
 
-from qviz.data import load_facts, load_text
-from qviz.metrics.lens import logit_lens as metrics_logit_lens
-from qviz.metrics.tracing import RECOVERY_EPS, recovery
+from qviz.metrics.tracing import RECOVERY_EPS
 from qviz.models.arch import get_adapter
 from qviz.models.load import load_model
-from qviz.probes.capture import Capture, capture
-from qviz.probes.patch import check_args, run_cache, trace_grid
+from qviz.probes.capture import Capture
 from qviz.quant.config import QuantPlan
 from qviz.quant.engine import engine_for
-from qviz.results import (
-    AttentionStats,
-    Comparison,
-    Evaluation,
-    FFNStats,
-    Isolation,
-    LayerMap,
-    LensCurve,
-    LensTrajectory,
-    PatchGrid,
-    RepairReport,
-    ResidualStats,
-    Verdict,
-)
+from qviz.results import Comparison, Evaluation, Isolation, PatchGrid, RepairReport
+from qviz.studies import compare as _compare
+from qviz.studies import evaluate as _evaluate
+from qviz.studies import repair as _repair
+from qviz.studies import tracing as _tracing
+
+ACTS_BUDGET = int(os.environ.get("QVIZ_ACTS_BYTES", 1 << 30))  # Lab activation cache, bytes
+MAX_PROMPT_TOKENS = 1024
+
+
+class ByteLRU:
+    """A thread-safe LRU mapping bounded by the bytes of its values (``size(value)``) and,
+    optionally, by a number of entries. The most recent entry is always kept."""
+
+    def __init__(
+        self,
+        budget_bytes: int | None = None,
+        size: Callable[[object], int] = lambda v: 0,
+        max_items: int | None = None,
+    ) -> None:
+        self.budget_bytes, self.size, self.max_items = budget_bytes, size, max_items
+        self._data: OrderedDict[Hashable, object] = OrderedDict()
+        self._sizes: dict[Hashable, int] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable):
+        with self._lock:
+            if key not in self._data:
+                return None
+            self._data.move_to_end(key)
+            return self._data[key]
+
+    def put(self, key: Hashable, value) -> None:
+        with self._lock:
+            self._data[key] = value
+            self._sizes[key] = int(self.size(value))
+            self._data.move_to_end(key)
+            while len(self._data) > 1 and (
+                (self.budget_bytes is not None and self.nbytes > self.budget_bytes)
+                or (self.max_items is not None and len(self._data) > self.max_items)
+            ):
+                old, _ = self._data.popitem(last=False)
+                del self._sizes[old]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self._sizes.values())
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._data
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+            self._sizes.clear()
 
 
 class Lab:
     """Compare a model under quantization plans with its full-precision self.
 
     Thread-safe: one forward at a time per model (the engine's lock); callers never see another
-    caller's plan. Reference activations are cached per prompt, quantized ones per (prompt, plan).
+    caller's plan. Cache layers, from the weights up:
+    - the engine's LRU of materialized plans (``QVIZ_CACHE_BYTES``, 4 GiB; GPTQ also keeps a
+      verified disk cache), shared by every Lab on the model;
+    - ``_acts``: captured activations per (prompt, plan) and the CKA context prompts' residual
+      states per plan, an LRU bounded by ``acts_budget_bytes`` (``QVIZ_ACTS_BYTES``, 1 GiB);
+    - ``_ref_stats``: full-precision next-token results per prompt set (at most 16 sets).
+    ``max_prompt_tokens``: longer prompts raise ValueError before any forward (default 1024).
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer, name: str | None = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        name: str | None = None,
+        max_prompt_tokens: int = MAX_PROMPT_TOKENS,
+        acts_budget_bytes: int = ACTS_BUDGET,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.adapter = get_adapter(model)
@@ -50,9 +105,9 @@ class Lab:
         if self.engine.tokenizer is None:
             self.engine.tokenizer = tokenizer  # GPTQ calibrates on text tokenized like the prompts
         self.name = name or getattr(model.config, "name_or_path", "model")
-        self._acts: dict[tuple[str, QuantPlan], Capture] = {}
-        self._acts_lock = threading.Lock()
-        self._ref_stats: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        self.max_prompt_tokens = int(max_prompt_tokens)
+        self._acts = ByteLRU(acts_budget_bytes, size=lambda c: c.nbytes)
+        self._ref_stats = ByteLRU(max_items=16)
 
     @classmethod
     def load(cls, name_or_path: str = "smollm2-135m", **kw) -> Lab:
@@ -64,6 +119,15 @@ class Lab:
     def n_layers(self) -> int:
         return self.adapter.n_layers(self.model)
 
+    @property
+    def acts_budget_bytes(self) -> int:
+        """Byte budget of the activation cache (settable; the newest entry is always kept)."""
+        return self._acts.budget_bytes
+
+    @acts_budget_bytes.setter
+    def acts_budget_bytes(self, value: int) -> None:
+        self._acts.budget_bytes = int(value)
+
     @contextmanager
     def quantized(self, plan: QuantPlan):
         """The engine's context manager: ``plan``'s weights swapped in for the block."""
@@ -72,10 +136,16 @@ class Lab:
 
     # inputs -----------------------------------------------------------------------------------
     def encode(self, prompt: str) -> torch.Tensor:
-        """input_ids [1, T] on the model's device; ValueError for an empty prompt."""
+        """input_ids [1, T] on the model's device; ValueError for an empty prompt or one longer
+        than ``max_prompt_tokens``."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
         ids = self.tokenizer(prompt, return_tensors="pt").input_ids
+        if ids.shape[1] > self.max_prompt_tokens:
+            raise ValueError(
+                f"the prompt is {ids.shape[1]} tokens long, over the limit of "
+                f"{self.max_prompt_tokens} tokens (Lab.max_prompt_tokens); shorten it"
+            )
         return ids.to(self.model.device)
 
     def target_id(self, target: str | int) -> int:
@@ -93,21 +163,12 @@ class Lab:
             )
         return ids[0]
 
-    # activations ----------------------------------------------------------------------------
-    def activations(self, prompt: str, plan: QuantPlan) -> Capture:
-        """All captured activations of ``prompt`` under ``plan`` (cached)."""
-        key = (prompt, plan)
-        with self._acts_lock:
-            if key in self._acts:
-                return self._acts[key]
-        ids = self.encode(prompt)
-        with self.engine.quantized(plan):
-            cap = capture(self.model, self.adapter, ids)
-        with self._acts_lock:
-            self._acts[key] = cap
-        return cap
-
     # the study's diagnostics ----------------------------------------------------------------
+    def activations(self, prompt: str, plan: QuantPlan) -> Capture:
+        """Captured activations of ``prompt`` under ``plan`` (cached; see
+        ``qviz.studies.compare.activations``)."""
+        return _compare.activations(self, prompt, plan)
+
     def compare(
         self,
         prompt: str | Sequence[str],
@@ -116,210 +177,54 @@ class Lab:
         cka_estimator: str = "biased",
         drop_first: bool = False,
         isolation: bool = True,
+        cka_context: int = 0,
     ) -> Comparison:
         """Every diagnostic of ``plan`` against full precision.
 
         ``prompt``: one prompt or a list, pooled for CKA, attention and FFN statistics (tokens as
         samples); the logit lens and the verdict's ranks use the first prompt and ``target``.
         ``isolation``: also run the perfect-input test (``isolate``) on the first prompt (one
-        more forward) and add it to the verdict's evidence.
+        more forward) and add it to the verdict's evidence. ``cka_context``: pool the CKA with
+        this many bundled fact prompts (their activations cached per plan), every prompt's
+        first (attention-sink) position left out; ``cmp.cka.reference`` is the reference's own
+        CKA map on the same samples.
         """
-        from qviz import metrics
-
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise ValueError("compare needs at least one prompt")
-        tid = self.target_id(target)
-        ref = [self.activations(p, QuantPlan.none()) for p in prompts]
-        qnt = [self.activations(p, plan) for p in prompts]
-        s = 1 if drop_first else 0
-
-        def pool(caps, field):
-            return torch.cat([getattr(c, field)[:, s:] for c in caps], dim=1)
-
-        ref_res, q_res = pool(ref, "resid"), pool(qnt, "resid")
-        cka = LayerMap(
-            metrics.cka_matrix(ref_res, q_res, estimator=cka_estimator).numpy(),
-            n_samples=ref_res.shape[1],
-            estimator=cka_estimator,
+        return _compare.compare(
+            self, prompt, target, plan, cka_estimator, drop_first, isolation, cka_context
         )
-        lens = LensTrajectory(
-            self._lens(ref[0], tid), self._lens(qnt[0], tid), self.tokenizer.decode([tid])
-        )
-        ent_r = np.mean([metrics.normalized_entropy(c.attn).numpy() for c in ref], axis=0)
-        ent_q = np.mean([metrics.normalized_entropy(c.attn).numpy() for c in qnt], axis=0)
-        js = np.mean(
-            [metrics.js_divergence(r.attn, q.attn).numpy() for r, q in zip(ref, qnt, strict=True)],
-            0,
-        )
-        attention = AttentionStats(ent_r, ent_q, js)
-        rg, qg = pool(ref, "gate"), pool(qnt, "gate")
-        ffn = FFNStats(
-            metrics.sign_flip_rate(rg, qg).numpy(),
-            metrics.topk_jaccard(rg, qg).numpy(),
-            metrics.output_cosine(pool(ref, "mlp_out"), pool(qnt, "mlp_out")).numpy(),
-        )
-        cos, rel = metrics.residual_drift(ref_res, q_res)
-        residual = ResidualStats(cos.numpy(), rel.numpy())
-        n = self.n_layers
-        mid = slice(n // 3, max(n // 3 + 1, 2 * n // 3))
-        iso = self.isolate(prompts[0], plan) if isolation else None
-        verdict = Verdict(
-            *metrics.verdict(
-                cka.values.diagonal(),
-                int(lens.reference.rank[-1]),
-                int(lens.quantized.rank[-1]),
-                ffn.flip_rate,
-                float(ent_q[mid].mean()),
-                isolation_delta_cosine=None if iso is None else iso.delta_cosine,
-            )
-        )
-        return Comparison(
-            plan.label, prompts, cka, lens, attention, ffn, residual, verdict, isolation=iso
-        )
-
-    def _lens(self, cap: Capture, tid: int) -> LensCurve:
-        from qviz import metrics
-
-        norm = self.model.get_submodule(self.adapter.final_norm)
-        head = self.model.get_submodule(self.adapter.unembed)
-        softcap = getattr(self.model.config, "final_logit_softcapping", None)
-        states = cap.resid[:, -1].to(self.model.device, next(head.parameters()).dtype)
-        with torch.no_grad():
-            logits = metrics.logit_lens(states, norm, head, softcap=softcap).float().cpu()
-        prob, rank, logit = metrics.target_stats(logits, tid)
-        ids, _ = metrics.topk_tokens(logits, k=5)
-        tops = [[self.tokenizer.decode([int(t)]) for t in row] for row in ids]
-        return LensCurve(prob.numpy(), rank.numpy(), logit.numpy(), tops)
 
     # task level -------------------------------------------------------------------------------
-    def _next_token_stats(
-        self,
-        prompts: list[str],
-        targets: list[int],
-        scale: tuple[int, float] | None = None,
-        max_tokens: int = 4096,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-1 correctness and rank of each target after its prompt, under the active weights.
-
-        Batched: prompts sorted by length, left-padded with an attention mask and explicit
-        position ids (so padding changes nothing), logits at the last position only, at most
-        ``max_tokens`` tokens per forward. ``scale=(p, alpha)`` multiplies the residual stream
-        leaving decoder layer p by alpha (peak signal amplification).
-        """
-        encoded = [self.encode(p)[0] for p in prompts]
-        correct = np.zeros(len(prompts), dtype=bool)
-        ranks = np.zeros(len(prompts), dtype=np.int64)
-        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-        handle = None
-        if scale is not None:
-            layer, alpha = scale
-
-            def amplify(mod, args, out):
-                if isinstance(out, tuple):
-                    return (out[0] * alpha, *out[1:])
-                return out * alpha
-
-            handle = self.adapter.decoder_layers(self.model)[layer].register_forward_hook(amplify)
-        try:
-            start = 0
-            while start < len(order):
-                stop = start + 1  # sorted by length: the batch is as wide as its last prompt
-                while (
-                    stop < len(order)
-                    and (stop - start + 1) * len(encoded[order[stop]]) <= max_tokens
-                ):
-                    stop += 1
-                width = len(encoded[order[stop - 1]])
-                batch = order[start:stop]
-                ids = torch.zeros(len(batch), width, dtype=torch.long, device=self.model.device)
-                mask = torch.zeros_like(ids)
-                for row, i in enumerate(batch):
-                    n = len(encoded[i])
-                    ids[row, width - n :] = encoded[i]
-                    mask[row, width - n :] = 1
-                pos = (mask.cumsum(1) - 1).clamp_min(0)
-                kw = {"attention_mask": mask, "position_ids": pos} if mask.min() == 0 else {}
-                with torch.no_grad():
-                    logits = self.model(ids, use_cache=False, logits_to_keep=1, **kw).logits
-                logits = logits[:, -1].float()
-                tid = torch.tensor([targets[i] for i in batch], device=logits.device)
-                tgt = logits.gather(1, tid[:, None])
-                r = ((logits > tgt).sum(1) + 1).cpu().numpy()
-                ranks[batch] = r
-                correct[batch] = r == 1
-                start = stop
-        finally:
-            if handle is not None:
-                handle.remove()
-        return correct, ranks
-
     def _facts(self, prompts: list[dict] | None) -> tuple[list[dict], list[str], list[int]]:
-        facts = prompts if prompts is not None else load_facts()
-        texts = [f["prompt"] for f in facts]
-        tids = [self.tokenizer(f["answer"], add_special_tokens=False).input_ids[0] for f in facts]
-        return facts, texts, tids
+        return _evaluate.facts_of(self, prompts)
 
-    def _reference_stats(self, texts: list[str], tids: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Full-precision correctness and ranks, cached per (prompts, targets)."""
-        key = (tuple(texts), tuple(tids))
-        with self._acts_lock:
-            hit = self._ref_stats.get(key)
-        if hit is None:
-            with self.engine.quantized(QuantPlan.none()):
-                hit = self._next_token_stats(texts, tids)
-            with self._acts_lock:
-                self._ref_stats[key] = hit
-        return hit
+    def _next_token_stats(self, prompts, targets, scale=None, max_tokens: int = 4096):
+        """Top-1 correctness and rank of each target (see ``studies.evaluate``)."""
+        return _evaluate.next_token_stats(self, prompts, targets, scale, max_tokens)
 
-    def evaluate(self, plan: QuantPlan, prompts: list[dict] | None = None) -> Evaluation:
+    def evaluate(
+        self,
+        plan: QuantPlan,
+        prompts: list[dict] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Evaluation:
         """Fact-recall accuracy: the answer's first token is the top-1 next token.
 
         ``prompts``: dicts with "prompt" and "answer" (default: the bundled facts). Prompts run
-        in left-padded batches; the reference run is cached per prompt set.
+        in left-padded batches; the reference run is cached per prompt set. ``cancel`` is
+        checked before each batch.
         """
-        facts, texts, tids = self._facts(prompts)
-        ref_ok, _ = self._reference_stats(texts, tids)
-        with self.engine.quantized(plan):
-            ok, ranks = self._next_token_stats(texts, tids)
-        frame = pd.DataFrame(
-            {
-                "prompt": texts,
-                "answer": [f["answer"] for f in facts],
-                "relation": [f.get("relation", "") for f in facts],
-                "reference_correct": ref_ok,
-                "correct": ok,
-                "rank": ranks,
-            }
-        )
-        return Evaluation(
-            plan.label,
-            float(ok.mean()),
-            float(ref_ok.mean()),
-            float(ranks.mean()),
-            [int(i) for i in np.flatnonzero(ref_ok)],
-            [int(i) for i in np.flatnonzero(ref_ok & ~ok)],
-            frame,
-        )
+        return _evaluate.evaluate(self, plan, prompts, cancel)
 
-    def perplexity(self, plan: QuantPlan, text: str | None = None, window: int = 512) -> float:
-        """Perplexity of ``text`` (default: the bundled prose) in non-overlapping windows."""
-        ids = self.tokenizer(
-            text if text is not None else load_text(), return_tensors="pt"
-        ).input_ids
-        ids = ids.to(self.model.device)
-        nll, count = 0.0, 0
-        with self.engine.quantized(plan), torch.no_grad():
-            for start in range(0, ids.shape[1] - 1, window):
-                chunk = ids[:, start : start + window + 1]
-                if chunk.shape[1] < 2:
-                    break
-                logits = self.model(chunk[:, :-1], use_cache=False).logits.float()
-                nll += torch.nn.functional.cross_entropy(
-                    logits[0], chunk[0, 1:], reduction="sum"
-                ).item()
-                count += chunk.shape[1] - 1
-        return float(np.exp(nll / count))
+    def perplexity(
+        self,
+        plan: QuantPlan,
+        text: str | None = None,
+        window: int = 512,
+        cancel: threading.Event | None = None,
+    ) -> float:
+        """Perplexity of ``text`` (default: the bundled prose) in non-overlapping windows;
+        ``cancel`` is checked before each window."""
+        return _evaluate.perplexity(self, plan, text, window, cancel)
 
     # causal tracing, isolation, repairs ------------------------------------------------------
     def trace(
@@ -333,6 +238,7 @@ class Lab:
         eps: float = RECOVERY_EPS,
         method: str = "batched",
         max_tokens: int = 4096,
+        cancel: threading.Event | None = None,
     ) -> PatchGrid:
         """Causal tracing of ``target`` after ``prompt`` over every (decoder layer, position).
 
@@ -342,43 +248,20 @@ class Lab:
         ``window``: layers patched together, centred on l. Returns a PatchGrid with prob [L, T]
         and recovery [L, T] (None, with ``recovery_note``, when the plan does not move the
         target's probability by ``eps``). ``method="per_cell"`` is the slow one-forward-per-cell
-        baseline.
+        baseline. ``cancel`` is checked before each chunk of cells.
         """
-        check_args(component, direction, window)
-        ids = self.encode(prompt)
-        tid = self.target_id(target)
-        restore = direction == "restore"
-        with self.engine.quantized(plan):
-            q = run_cache(self.model, self.adapter, ids, tid, kv=restore)
-        with self.engine.quantized(QuantPlan.none()):
-            r = run_cache(self.model, self.adapter, ids, tid, kv=not restore)
-        base, source, base_plan = (q, r, plan) if restore else (r, q, QuantPlan.none())
-        with self.engine.quantized(base_plan):
-            prob = trace_grid(
-                self.model,
-                self.adapter,
-                ids,
-                base,
-                source,
-                tid,
-                component=component,
-                window=window,
-                max_tokens=max_tokens,
-                method=method,
-            )
-        rec, note = recovery(prob, r.prob, q.prob, eps=eps)
-        return PatchGrid(
-            prob=prob,
-            recovery=rec,
-            recovery_note=note,
-            p_reference=r.prob,
-            p_quantized=q.prob,
-            tokens=[self.tokenizer.decode([int(i)]) for i in ids[0]],
-            target=self.tokenizer.decode([tid]),
-            component=component,
-            direction=direction,
-            window=window,
-            plan_label=plan.label,
+        return _tracing.trace(
+            self,
+            prompt,
+            target,
+            plan,
+            component,
+            direction,
+            window,
+            eps,
+            method,
+            max_tokens,
+            cancel,
         )
 
     def isolate(self, prompt: str, plan: QuantPlan) -> Isolation:
@@ -390,106 +273,7 @@ class Lab:
         (``delta_cosine``, ``delta_rel_error`` [L]). A layer whose update is wrong on a perfect
         input is itself broken (computation collapse); one that is right is only fed noise.
         """
-        from qviz import metrics
-
-        ids = self.encode(prompt)
-        with self._acts_lock:
-            cap = self._acts.get((prompt, QuantPlan.none()))
-        if cap is not None and cap.resid is not None:  # reuse compare()'s reference capture
-            ref = cap.resid.to(self.model.device, self.model.dtype)
-        else:
-            with self.engine.quantized(QuantPlan.none()):
-                ref = run_cache(self.model, self.adapter, ids, 0).resid  # [L+1, T, D]
-        layers = self.adapter.decoder_layers(self.model)
-        outs: list = [None] * len(layers)
-        handles = []
-
-        def feed(i):
-            def pre(mod, args, kwargs):
-                x = ref[i][None].to(self.model.dtype)
-                if args:
-                    return (x, *args[1:]), kwargs
-                return args, {**kwargs, "hidden_states": x}
-
-            return pre
-
-        def keep(i):
-            def hook(mod, args, out):
-                outs[i] = (out[0] if isinstance(out, tuple) else out).detach()[0]
-
-            return hook
-
-        try:
-            for i, layer in enumerate(layers):
-                handles.append(layer.register_forward_pre_hook(feed(i), with_kwargs=True))
-                handles.append(layer.register_forward_hook(keep(i)))
-            with self.engine.quantized(plan), torch.no_grad():
-                self.model(ids, use_cache=False, logits_to_keep=1)
-        finally:
-            for h in handles:
-                h.remove()
-        q_out = torch.stack(outs)
-        cos, rel = metrics.residual_drift(ref[1:], q_out)
-        dcos, drel = metrics.residual_drift(ref[1:] - ref[:-1], q_out - ref[:-1])
-        return Isolation(
-            cos.numpy(),
-            rel.numpy(),
-            plan.label,
-            delta_cosine=dcos.numpy(),
-            delta_rel_error=drel.numpy(),
-        )
-
-    def _lens_probs(self, texts: list[str], tids: list[int], max_tokens: int = 4096) -> np.ndarray:
-        """Logit-lens probability [N, L+1] of each target at its prompt's last position, under the
-        active weights (left-padded batches, as in ``_next_token_stats``)."""
-        layers = self.adapter.decoder_layers(self.model)
-        norm = self.model.get_submodule(self.adapter.final_norm)
-        head = self.model.get_submodule(self.adapter.unembed)
-        softcap = getattr(self.model.config, "final_logit_softcapping", None)
-        out = np.zeros((len(texts), len(layers) + 1))
-        encoded = [self.encode(p)[0] for p in texts]
-        rows_per = max(1, max_tokens // max(len(e) for e in encoded))
-        states: list = [None] * (len(layers) + 1)  # [B, D] at the last position, per state
-
-        def pre0(mod, args, kwargs):
-            states[0] = (args[0] if args else kwargs["hidden_states"])[:, -1].detach()
-
-        def keep(i):
-            def hook(mod, args, o):
-                states[i + 1] = (o[0] if isinstance(o, tuple) else o)[:, -1].detach()
-
-            return hook
-
-        handles = [layers[0].register_forward_pre_hook(pre0, with_kwargs=True)]
-        try:
-            for i, layer in enumerate(layers):
-                handles.append(layer.register_forward_hook(keep(i)))
-            for s in range(0, len(texts), rows_per):
-                chunk = list(range(s, min(s + rows_per, len(texts))))
-                width = max(len(encoded[i]) for i in chunk)
-                ids = torch.zeros(len(chunk), width, dtype=torch.long, device=self.model.device)
-                mask = torch.zeros_like(ids)
-                for row, i in enumerate(chunk):
-                    ids[row, width - len(encoded[i]) :] = encoded[i]
-                    mask[row, width - len(encoded[i]) :] = 1
-                pos = (mask.cumsum(1) - 1).clamp_min(0)
-                tid = torch.tensor([tids[i] for i in chunk], device=self.model.device)
-                with torch.no_grad():
-                    self.model(
-                        ids,
-                        attention_mask=mask,
-                        position_ids=pos,
-                        use_cache=False,
-                        logits_to_keep=1,
-                    )
-                    for j, st in enumerate(states):
-                        logits = metrics_logit_lens(st, norm, head, softcap).float()
-                        prob = torch.softmax(logits, -1).gather(1, tid[:, None])[:, 0]
-                        out[chunk, j] = prob.cpu().numpy()
-        finally:
-            for h in handles:
-                h.remove()
-        return out
+        return _tracing.isolate(self, prompt, plan)
 
     def peak_layer(
         self, plan: QuantPlan, calibration: list[dict] | None = None, n_max: int = 32
@@ -501,17 +285,7 @@ class Lab:
         averaged over prompts and the best decoder layer is returned, the last layer excluded
         (see ``qviz.metrics.tracing.peak_layer``). One choice per plan: never per evaluated prompt.
         """
-        from qviz.metrics.tracing import peak_layer as choose_peak
-
-        facts = calibration if calibration is not None else load_facts()
-        if not facts:
-            raise ValueError("peak_layer needs at least one calibration fact")
-        if len(facts) > n_max:
-            facts = [facts[i] for i in np.linspace(0, len(facts) - 1, n_max).round().astype(int)]
-        _, texts, tids = self._facts(facts)
-        with self.engine.quantized(plan):
-            probs = self._lens_probs(texts, tids)
-        return choose_peak(probs)
+        return _tracing.peak_layer(self, plan, calibration, n_max)
 
     def repair_report(
         self,
@@ -526,73 +300,13 @@ class Lab:
         """The study's repair table: accuracy on ``plan``'s Failure Subset under each repair.
 
         Failure Subset: the ``prompts`` (default: bundled facts) the reference answers right and
-        ``plan`` wrong; its baseline accuracy is 0 by construction. Repairs:
-        - source protection: ``QuantPlan.protect_first(plan.default, protect_n, protect_bits)``;
-        - peak signal amplification: the residual stream leaving the peak layer multiplied by
-          each alpha, on ``plan`` alone and on top of source protection (the study's cumulative
-          column: 0 -> 67.91 -> 75.19 on Llama-3.1-8B at 4 bits);
-        - domino test: ``QuantPlan.only_layers(plan.default, range(k))`` for each k in
-          ``domino`` (also reported on the Robust Subset: reference right, plan right).
-
-        Amplification procedure (the study does not publish its own; this is qviz's). The peak
-        layer is chosen once per plan (``Lab.peak_layer``): under the quantized plan, the
-        logit-lens probability of the correct answer at the last position is averaged over
-        calibration facts and the decoder layer with the highest mean wins. Calibration facts
-        are never scored: ``calibration`` if given, else the prompts outside the Failure Subset
-        (the Robust Subset and the facts the reference gets wrong; if there are none, the
-        bundled facts not among ``prompts``), so no evaluated answer steers the repair. Why
-        this layer: it is where the quantized model's answer signal is strongest; later layers
-        read the stream through a norm and add their (degraded) updates to it, so scaling the
-        stream there by alpha weights the peak signal alpha times more against everything added
-        afterwards. The last layer is not eligible: its output goes straight into the final norm,
-        which cancels any scale (as scaling the logits cannot change a top-1 answer). Every alpha
-        is reported; "best" is the best of them on the evaluated subset, as in the study's table.
+        ``plan`` wrong. Repairs: source protection (``QuantPlan.protect_first``), peak signal
+        amplification (the residual stream leaving ``peak_layer`` times each alpha, on ``plan``
+        and on top of protection) and the domino test (``QuantPlan.only_layers(cfg, range(k))``,
+        also on the Robust Subset). Calibration facts for the peak layer are never scored:
+        ``calibration`` if given, else the prompts outside the Failure Subset. The procedure and
+        its reasons are written out in ``qviz.studies.repair``.
         """
-        if plan.default is None:
-            raise ValueError(
-                f"repair_report needs a plan with a default config (e.g. QuantPlan.uniform), "
-                f"got {plan.label!r}"
-            )
-        cfg = plan.default
-        facts, texts, tids = self._facts(prompts)
-        ev = self.evaluate(plan, facts)
-        fail = ev.failure_subset
-        robust = sorted(set(ev.reference_correct) - set(fail))
-
-        def acc(p: QuantPlan, idx: list[int], scale=None) -> float:
-            if not idx:
-                return float("nan")
-            with self.engine.quantized(p):
-                ok, _ = self._next_token_stats(
-                    [texts[i] for i in idx], [tids[i] for i in idx], scale=scale
-                )
-            return float(ok.mean())
-
-        protect = QuantPlan.protect_first(cfg, n=protect_n, bits=protect_bits)
-        if calibration is None:
-            failed = set(fail)
-            calibration = [f for i, f in enumerate(facts) if i not in failed]
-            if not calibration:
-                seen = set(texts)
-                calibration = [f for f in load_facts() if f["prompt"] not in seen]
-        peak = self.peak_layer(plan, calibration)
-        peak_p = self.peak_layer(protect, calibration)
-        n = self.n_layers
-        ks = [int(k) for k in domino if 1 <= int(k) <= n]
-        dom_plans = {k: QuantPlan.only_layers(cfg, range(k)) for k in ks}
-        return RepairReport(
-            plan_label=plan.label,
-            n_failures=len(fail),
-            baseline=acc(plan, fail),
-            protected=acc(protect, fail),
-            protect_label=protect.label,
-            peak_layer=peak,
-            amplification={float(a): acc(plan, fail, scale=(peak, float(a))) for a in alphas},
-            protected_amplification={
-                float(a): acc(protect, fail, scale=(peak_p, float(a))) for a in alphas
-            },
-            protected_peak_layer=peak_p,
-            domino={k: acc(p, fail) for k, p in dom_plans.items()},
-            domino_robust={k: acc(p, robust) for k, p in dom_plans.items()},
-            n_robust=len(robust),
+        return _repair.repair_report(
+            self, plan, prompts, alphas, protect_n, protect_bits, domino, calibration
         )

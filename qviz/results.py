@@ -19,6 +19,9 @@ class LayerMap:
     values: np.ndarray
     n_samples: int
     estimator: str
+    reference: np.ndarray | None = None
+    n_prompts: int = 1
+    drop_first: bool = False
 
     def to_frame(self) -> pd.DataFrame:
         r, q = np.indices(self.values.shape)

@@ -51,3 +51,17 @@ def embedded():
     from qviz.models import load_model
 
     return load_model("smollm2-135m", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def lab(embedded):
+    """One Lab on the embedded model for every test that needs it (its caches are shared)."""
+    from qviz import Lab
+
+    model, tok = embedded
+    return Lab(model, tok, name="smollm2-135m")
+
+
+def hook_count(model) -> int:
+    """Forward hooks and pre-hooks still registered anywhere in ``model``."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())

@@ -34,6 +34,44 @@ class Adapter:
     gate: str
     gated: bool = True
     gate_fused: bool = False
+    rotary: str | None = None
+    fast_tracing: bool = False
+    softcap_attr: str | None = None
+
+    # model facts --------------------------------------------------------------------------
+    def unembedding(self, model: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """(final norm, unembedding) modules: the logit lens reads states through both."""
+        return model.get_submodule(self.final_norm), model.get_submodule(self.unembed)
+
+    def logit_softcap(self, model: nn.Module) -> float | None:
+        """The final-logit softcap (``cap * tanh(logits / cap)``), None when the model has none."""
+        if self.softcap_attr is None:
+            return None
+        cap = getattr(model.config, self.softcap_attr, None)
+        return float(cap) if cap else None
+
+    def apply_softcap(self, model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+        cap = self.logit_softcap(model)
+        return cap * torch.tanh(logits / cap) if cap else logits
+
+    def fast_path(self, model: nn.Module, n_tokens: int) -> bool:
+        """Whether causal tracing may call the decoder layers directly with a key/value prefix
+        (llama-like layers with a shared rotary embedding, full causal attention at this length)."""
+        if not self.fast_tracing or self.rotary is None:
+            return False
+        cfg = model.config
+        if getattr(cfg, "_attn_implementation", None) not in ("sdpa", "eager"):
+            return False
+        types = getattr(cfg, "layer_types", None)
+        if types is not None and any(t != "full_attention" for t in types):
+            return False
+        sw = getattr(cfg, "sliding_window", None)
+        return not (sw is not None and getattr(cfg, "use_sliding_window", True) and n_tokens > sw)
+
+    def rotary_embedding(self, model: nn.Module) -> nn.Module:
+        if self.rotary is None:
+            raise NotImplementedError(f"{self.model_type} has no shared rotary embedding")
+        return model.get_submodule(self.rotary)
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -47,7 +85,7 @@ class Adapter:
         return len(self.decoder_layers(model))
 
 
-def _llama_like(model_type: str) -> Adapter:
+def _llama_like(model_type: str, fast: bool = True, softcap: bool = False) -> Adapter:
     return Adapter(
         model_type=model_type,
         layers="model.layers",
@@ -64,12 +102,18 @@ def _llama_like(model_type: str) -> Adapter:
         ),
         mlp_linears=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
         gate="mlp.gate_proj",
+        rotary="model.rotary_emb",
+        fast_tracing=fast,
+        softcap_attr="final_logit_softcapping" if softcap else None,
     )
 
 
 ADAPTERS: dict[str, Adapter] = {
-    name: _llama_like(name) for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+    name: _llama_like(name) for name in ("llama", "mistral", "qwen2", "qwen3")
 }
+# gemma scales its embeddings and gemma2 alternates sliding windows: the generic tracing path
+ADAPTERS["gemma"] = _llama_like("gemma", fast=False)
+ADAPTERS["gemma2"] = _llama_like("gemma2", fast=False, softcap=True)
 ADAPTERS["phi3"] = Adapter(
     model_type="phi3",
     layers="model.layers",
@@ -82,6 +126,7 @@ ADAPTERS["phi3"] = Adapter(
     mlp_linears=("mlp.gate_up_proj", "mlp.down_proj"),
     gate="mlp.gate_up_proj",
     gate_fused=True,
+    rotary="model.rotary_emb",
 )
 ADAPTERS["gpt2"] = Adapter(
     model_type="gpt2",

@@ -5,18 +5,20 @@ A cell (l, t) replaces one activation of the *base* run at decoder layer l, posi
 layer l, "mlp" the MLP output of layer l (``window`` > 1 patches the layers centred on l, as ROME
 does). The grid reads the target probability at the last position.
 
-Batched, and only what a patch can change is computed: for llama-like models (``FAST_TYPES``)
-the decoder layers are called directly, grouped by position t. A patch at (l, t) changes nothing
-before layer l (the row starts from the cached base input of layer l) and nothing at positions
-before t (their keys and values come from the base run's cache, at every layer), so each row
-computes positions t..T-1 of layers l..L-1 only, and logits at the last position only. Rows
-starting at later layers join the batch as the layer loop reaches them. Other architectures take
-the generic path: whole-model forwards over a batch of copies, patched by hooks, logits at the
-last position only. Both are chunked to ``max_tokens`` query tokens per forward.
+Batched, and only what a patch can change is computed: where the adapter allows it
+(``Adapter.fast_path``) the decoder layers are called directly, grouped by position t. A patch
+at (l, t) changes nothing before layer l (the row starts from the cached base input of layer l)
+and nothing at positions before t (their keys and values come from the base run's cache, at
+every layer), so each row computes positions t..T-1 of layers l..L-1 only, and logits at the
+last position only. Rows starting at later layers join the batch as the layer loop reaches
+them. Other architectures take the generic path: whole-model forwards over a batch of copies,
+patched by hooks, logits at the last position only. Both are chunked to ``max_tokens`` query
+tokens per forward.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -25,12 +27,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from qviz.cancel import check_cancel
 from qviz.metrics.tracing import window_layers
 from qviz.models.arch import Adapter
+from qviz.probes.hooks import (
+    attached,
+    hidden_in,
+    hidden_out,
+    record_outputs,
+    with_hidden_in,
+    with_hidden_out,
+)
 
 COMPONENTS = ("resid", "attn", "mlp")
 DIRECTIONS = ("restore", "corrupt")
-FAST_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass
@@ -54,15 +64,6 @@ class RunCache:
         return {"resid": self.resid[:-1], "attn": self.attn, "mlp": self.mlp}[name]
 
 
-def _first(x):
-    return x[0] if isinstance(x, tuple) else x
-
-
-def _softcap(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    return cap * torch.tanh(logits / cap) if cap else logits
-
-
 def _target_prob(logits: torch.Tensor, target_id: int) -> torch.Tensor:
     """logits [B, V] -> probability of ``target_id`` [B] (float32 softmax)."""
     return torch.softmax(logits.float(), dim=-1)[:, target_id]
@@ -83,54 +84,38 @@ def run_cache(
     """One forward of ``input_ids`` [1, T] under the active weights, capturing every patchable
     activation (and the key/value cache when ``kv``); no hooks remain afterwards."""
     layers = adapter.decoder_layers(model)
-    n = len(layers)
-    resid: list = [None] * (n + 1)
-    attn: list = [None] * n
-    mlp: list = [None] * n
-    handles = []
-
-    def put(store, i):
-        def hook(mod, args, out):
-            store[i] = _first(out).detach()[0]
-
-        return hook
-
-    def pre0(mod, args, kwargs):
-        resid[0] = (args[0] if args else kwargs["hidden_states"]).detach()[0]
-
-    try:
-        handles.append(layers[0].register_forward_pre_hook(pre0, with_kwargs=True))
-        for i, layer in enumerate(layers):
-            handles.append(layer.register_forward_hook(put(resid, i + 1)))
-            handles.append(layer.get_submodule(adapter.attn).register_forward_hook(put(attn, i)))
-            handles.append(layer.get_submodule(adapter.mlp).register_forward_hook(put(mlp, i)))
+    first: list = []
+    with (
+        attached() as h,
+        record_outputs(layers, lambda x: x[0]) as resid,
+        record_outputs([ly.get_submodule(adapter.attn) for ly in layers], lambda x: x[0]) as attn,
+        record_outputs([ly.get_submodule(adapter.mlp) for ly in layers], lambda x: x[0]) as mlp,
+    ):
+        h.pre(layers[0], lambda m, a, kw: first.append(hidden_in(a, kw).detach()[0]))
         with torch.no_grad():
             out = model(input_ids, use_cache=kv)
-    finally:
-        for h in handles:
-            h.remove()
     cache = None
     if kv:
         pkv = out.past_key_values
         cache = [(lay.keys, lay.values) for lay in pkv.layers]
     prob = float(_target_prob(out.logits[:, -1], target_id)[0])
-    return RunCache(torch.stack(resid), torch.stack(attn), torch.stack(mlp), prob, cache)
+    return RunCache(
+        torch.stack([first[0], *resid]), torch.stack(attn), torch.stack(mlp), prob, cache
+    )
 
 
 @contextmanager
 def _replace_output(module: nn.Module, rows, pos, values) -> Iterator[None]:
-    """Forward hook setting output[rows, pos] = values [n, D] (first element of a tuple)."""
+    """Forward hook setting output[rows, pos] = values [n, D] (its hidden states)."""
 
     def hook(mod, args, out):
-        x = _first(out).clone()
+        x = hidden_out(out).clone()
         x[rows, pos] = values.to(x.dtype)
-        return (x, *out[1:]) if isinstance(out, tuple) else x
+        return with_hidden_out(out, x)
 
-    h = module.register_forward_hook(hook)
-    try:
+    with attached() as h:
+        h.post(module, hook)
         yield
-    finally:
-        h.remove()
 
 
 @contextmanager
@@ -138,36 +123,13 @@ def _replace_input(layer: nn.Module, rows, pos, values) -> Iterator[None]:
     """Forward pre-hook setting hidden_states[rows, pos] = values [n, D]."""
 
     def pre(mod, args, kwargs):
-        if args:
-            x = args[0].clone()
-            x[rows, pos] = values.to(x.dtype)
-            return (x, *args[1:]), kwargs
-        x = kwargs["hidden_states"].clone()
+        x = hidden_in(args, kwargs).clone()
         x[rows, pos] = values.to(x.dtype)
-        return args, {**kwargs, "hidden_states": x}
+        return with_hidden_in(args, kwargs, x)
 
-    h = layer.register_forward_pre_hook(pre, with_kwargs=True)
-    try:
+    with attached() as h:
+        h.pre(layer, pre)
         yield
-    finally:
-        h.remove()
-
-
-def _fast_ok(model: nn.Module, adapter: Adapter, n_tokens: int) -> bool:
-    """Whether the direct layer-call path applies (llama-like, full causal attention)."""
-    cfg = model.config
-    if adapter.model_type not in FAST_TYPES:
-        return False
-    if getattr(cfg, "_attn_implementation", None) not in ("sdpa", "eager"):
-        return False
-    types = getattr(cfg, "layer_types", None)
-    if types is not None and any(t != "full_attention" for t in types):
-        return False
-    sw = getattr(cfg, "sliding_window", None)
-    if sw is not None and getattr(cfg, "use_sliding_window", True) and n_tokens > sw:
-        return False
-    base = model.get_submodule(adapter.layers.rsplit(".", 1)[0])
-    return hasattr(base, "rotary_emb")
 
 
 class _PrefixKV:
@@ -195,13 +157,20 @@ def _cells(
 
 
 def _fast_grid(
-    model, adapter, base: RunCache, source: RunCache, target_id, component, cells, max_tokens
+    model,
+    adapter,
+    base: RunCache,
+    source: RunCache,
+    target_id,
+    component,
+    cells,
+    max_tokens,
+    cancel=None,
 ) -> dict[tuple[int, int], float]:
     layers = adapter.decoder_layers(model)
     n_layers, n_tok = len(layers), base.resid.shape[1]
-    rotary = model.get_submodule(adapter.layers.rsplit(".", 1)[0]).rotary_emb
-    norm = model.get_submodule(adapter.final_norm)
-    head = model.get_submodule(adapter.unembed)
+    rotary = adapter.rotary_embedding(model)
+    norm, head = adapter.unembedding(model)
     src = source.component(component)
     out: dict[tuple[int, int], float] = {}
     by_t: dict[int, list] = {}
@@ -219,6 +188,7 @@ def _fast_grid(
         group = sorted(group, key=lambda c: c[2].start)
         rows_per = max(1, max_tokens // q)
         for c0 in range(0, len(group), rows_per):
+            check_cancel(cancel, f"before the cells at position {t} of {n_tok}")
             chunk = group[c0 : c0 + rows_per]
             starts = [c[2].start for c in chunk]
             h = base.resid[starts[0], t:][None][:0]  # [0, q, D]
@@ -237,7 +207,7 @@ def _fast_grid(
                         else:
                             mod = layers[m].get_submodule(getattr(adapter, component))
                             stack.enter_context(_replace_output(mod, r, 0, vals))
-                    h = _first(
+                    h = hidden_out(
                         layers[m](
                             h,
                             attention_mask=mask,
@@ -247,7 +217,7 @@ def _fast_grid(
                             position_embeddings=cos_sin,
                         )
                     )
-            probs = _target_prob(_softcap(model, head(norm(h[:, -1]))), target_id)
+            probs = _target_prob(adapter.apply_softcap(model, head(norm(h[:, -1]))), target_id)
             for c, p in zip(chunk, probs.tolist(), strict=True):
                 out[(c[0], c[1])] = p
     return out
@@ -263,6 +233,7 @@ def _generic_grid(
     cells,
     max_tokens,
     last_only: bool = True,
+    cancel=None,
 ) -> dict[tuple[int, int], float]:
     layers = adapter.decoder_layers(model)
     n_tok = input_ids.shape[1]
@@ -271,6 +242,7 @@ def _generic_grid(
     rows_per = max(1, max_tokens // n_tok)
     device = input_ids.device
     for c0 in range(0, len(cells), rows_per):
+        check_cancel(cancel, f"before cell {c0 + 1} of {len(cells)}")
         chunk = cells[c0 : c0 + rows_per]
         with ExitStack() as stack:
             for m in sorted({m for c in chunk for m in c[2]}):
@@ -305,14 +277,16 @@ def trace_grid(
     layers: Sequence[int] | None = None,
     positions: Sequence[int] | None = None,
     method: str = "batched",
+    cancel: threading.Event | None = None,
 ) -> np.ndarray:
     """Target probability [L, T] with each cell patched from ``source`` into the base run.
 
     The model must carry the base run's weights. ``base`` must hold the key/value cache
     (``run_cache(..., kv=True)``) for the fast path. ``layers``/``positions`` restrict the grid
     (other cells are NaN). ``method``: "batched" (default) or "per_cell", the plain loop of one
-    full forward per cell (logits at every position), kept as the benchmark's baseline. Batched
-    cells whose patch writes values equal to the base run's own (e.g. the unquantized embeddings
+    full forward per cell (logits at every position), kept as the benchmark's baseline.
+    ``cancel`` is checked before each chunk of cells (``qviz.cancel.Cancelled``). Batched cells
+    whose patch writes values equal to the base run's own (e.g. the unquantized embeddings
     entering layer 0) take the base probability without a forward.
     """
     check_args(component, window=window)
@@ -340,20 +314,31 @@ def trace_grid(
                         [c],
                         1,
                         last_only=False,
+                        cancel=cancel,
                     )
                 )
         elif method != "batched":
             raise ValueError(f"method must be 'batched' or 'per_cell', got method={method!r}")
         elif not cells:
             pass
-        elif base.kv is not None and _fast_ok(model, adapter, n_tok):
+        elif base.kv is not None and adapter.fast_path(model, n_tok):
             vals.update(
-                _fast_grid(model, adapter, base, source, target_id, component, cells, max_tokens)
+                _fast_grid(
+                    model, adapter, base, source, target_id, component, cells, max_tokens, cancel
+                )
             )
         else:
             vals.update(
                 _generic_grid(
-                    model, adapter, input_ids, source, target_id, component, cells, max_tokens
+                    model,
+                    adapter,
+                    input_ids,
+                    source,
+                    target_id,
+                    component,
+                    cells,
+                    max_tokens,
+                    cancel=cancel,
                 )
             )
     grid = np.full((n_layers, n_tok), np.nan)

@@ -219,16 +219,21 @@ class _Captured(Exception):
 
 
 def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
+    """The hidden states of a layer's output (the models floor's accessor, shared with probes)."""
+    from qviz.models.access import hidden_out
+
+    return hidden_out(out)
 
 
 def _capture_inputs(model: nn.Module, layer0: nn.Module, calib_ids: torch.Tensor, batch: int):
     """[(hidden states, kwargs)] of decoder layer 0, one per batch of calibration sequences."""
+    from qviz.models.access import split_hidden_in
+
     chunks = []
 
     def hook(_mod, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        chunks.append((hidden.detach(), dict(kwargs), tuple(args[1:])))
+        hidden, rest, kw = split_hidden_in(args, kwargs)
+        chunks.append((hidden.detach(), kw, rest))
         raise _Captured
 
     handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
@@ -321,13 +326,15 @@ def _hessians(
     Each chunk's product is taken in float32 (as the GPTQ reference does), summed in float64.
     GPTQ treats rows independently given H, so a group is quantized as one stacked weight.
     """
+    from qviz.models.access import hidden_in
+
     acc: dict[str, list] = {}
     seen: dict[int, tuple] = {}  # per chunk: input tensor id -> (x^T x, n, x, first reader)
     same_as: dict[str, str] = {}  # Linear -> the first Linear that read the same input
 
     def make(rel):
         def hook(_mod, args):
-            x = args[0].detach()
+            x = hidden_in(args, {}).detach()
             key = id(x)
             if key not in seen:
                 flat = x.reshape(-1, x.shape[-1]).float()

@@ -30,19 +30,17 @@ def random_causal(layers: int, heads: int, t: int, seed: int = 0) -> torch.Tenso
 
 
 def test_uniform_gives_one_and_one_hot_zero():
-    torch.testing.assert_close(
-        normalized_entropy(uniform_causal(2, 3, 6)), torch.ones(2, 3).double()
-    )
+    torch.testing.assert_close(normalized_entropy(uniform_causal(2, 3, 6)), torch.ones(2, 3))
     assert (normalized_entropy(first_token(2, 3, 6)) == 0).all()
 
 
 def test_entropy_hand_built():
     # T = 3: q=1 uniform over 2 keys -> 1; q=2 one-hot -> 0; average 0.5
     p = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]]).expand(1, 1, 3, 3)
-    torch.testing.assert_close(normalized_entropy(p), torch.tensor([[0.5]]).double())
+    torch.testing.assert_close(normalized_entropy(p), torch.tensor([[0.5]]))
     # q=2 split over 2 of 3 keys: ln 2 / ln 3
     p = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.5, 0.0, 0.5]]).expand(1, 1, 3, 3)
-    want = torch.tensor([[0.5 * math.log(2) / math.log(3)]]).double()
+    want = torch.tensor([[0.5 * math.log(2) / math.log(3)]])
     torch.testing.assert_close(normalized_entropy(p), want)
 
 
@@ -53,20 +51,20 @@ def test_entropy_in_unit_interval():
 
 def test_js_identical_is_zero():
     p = random_causal(2, 2, 7)
-    torch.testing.assert_close(js_divergence(p, p.clone()), torch.zeros(2, 2).double())
+    torch.testing.assert_close(js_divergence(p, p.clone()), torch.zeros(2, 2))
 
 
 def test_js_hand_built():
     # disjoint supports at every query q >= 1 -> ln 2
     p = first_token(1, 1, 4)
     q = torch.eye(4).expand(1, 1, 4, 4)
-    torch.testing.assert_close(js_divergence(p, q), torch.full((1, 1), math.log(2)).double())
+    torch.testing.assert_close(js_divergence(p, q), torch.full((1, 1), math.log(2)))
     # T = 2, q = 1: [1, 0] vs [0.5, 0.5]; m = [0.75, 0.25]
     a = torch.tensor([[1.0, 0.0], [1.0, 0.0]]).expand(1, 1, 2, 2)
     b = torch.tensor([[1.0, 0.0], [0.5, 0.5]]).expand(1, 1, 2, 2)
     kl_am = math.log(1 / 0.75)
     kl_bm = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
-    want = torch.tensor([[0.5 * (kl_am + kl_bm)]]).double()
+    want = torch.tensor([[0.5 * (kl_am + kl_bm)]])
     torch.testing.assert_close(js_divergence(a, b), want)
     torch.testing.assert_close(js_divergence(b, a), want)
 

@@ -7,15 +7,10 @@ import pytest
 import torch
 
 from qviz import Lab, QuantConfig, QuantPlan
-from qviz.metrics.tracing import recovery, window_layers
-from tests.conftest import CharTokenizer, tiny_gpt2, tiny_llama
+from tests.conftest import CharTokenizer, hook_count, tiny_gpt2, tiny_llama
 
 FRANCE = "The capital of France is"
 COMPONENTS = ("resid", "attn", "mlp")
-
-
-def _hook_count(model):
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 # the reference: one full forward per cell, hooks written independently of qviz.probes.patch ----
@@ -130,7 +125,7 @@ def test_batched_grid_equals_per_cell_tiny(tiny_lab, component, direction):
         # chunking (one row per forward) changes nothing
         small = tiny_lab.trace(prompt, tid, plan, component, direction, window, max_tokens=1)
         np.testing.assert_allclose(small.prob, grid.prob, atol=1e-6)
-    assert _hook_count(tiny_lab.model) == 0
+    assert hook_count(tiny_lab.model) == 0
 
 
 def test_full_precision_recovery_is_undefined_not_a_crash(tiny_lab):
@@ -155,26 +150,7 @@ def test_trace_rejects_bad_arguments(tiny_lab):
         tiny_lab.trace("abc", 5, plan, window=0)
 
 
-def test_recovery_and_window_rules():
-    rec, note = recovery(np.array([[0.1, 0.5, 0.9]]), 0.9, 0.1)
-    assert np.allclose(rec, [[0, 0.5, 1]]) and "p_reference" in note
-    rec, note = recovery(np.zeros((2, 2)), 0.3, 0.3)
-    assert rec is None and "undefined" in note
-    assert list(window_layers(0, 1, 5)) == [0]
-    assert list(window_layers(2, 3, 5)) == [1, 2, 3]
-    assert list(window_layers(0, 4, 5)) == [0, 1]  # ROME: l - w//2 .. l + ceil(w/2), clipped
-    assert list(window_layers(4, 10, 5)) == [0, 1, 2, 3, 4]
-    with pytest.raises(ValueError, match="window"):
-        window_layers(0, 0, 5)
-
-
 # the embedded model --------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def lab(embedded):
-    model, tok = embedded
-    return Lab(model, tok, name="smollm2-135m")
-
-
 @pytest.mark.model
 @pytest.mark.parametrize("direction", ["restore", "corrupt"])
 @pytest.mark.parametrize("component", COMPONENTS)
@@ -188,7 +164,7 @@ def test_batched_grid_equals_per_cell_embedded(lab, component, direction):
     want = np.array([ref[i, t] for i, t in cells])
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
     assert grid.defined and np.isfinite(grid.recovery).all()
-    assert _hook_count(lab.model) == 0
+    assert hook_count(lab.model) == 0
 
 
 @pytest.mark.model

@@ -1,0 +1,43 @@
+"""Left-padded batches of prompts, written once (evaluation, logit-lens probabilities)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+
+def length_batches(lengths: Sequence[int], max_tokens: int = 4096) -> Iterator[list[int]]:
+    """Indices grouped into batches, shortest first, each at most ``max_tokens`` padded tokens
+    (a batch is as wide as its longest prompt; a prompt longer than the limit goes alone)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    start = 0
+    while start < len(order):
+        stop = start + 1
+        while stop < len(order) and (stop - start + 1) * lengths[order[stop]] <= max_tokens:
+            stop += 1
+        yield order[start:stop]
+        start = stop
+
+
+def left_pad(
+    seqs: Sequence[torch.Tensor], device: torch.device | str | None = None
+) -> tuple[torch.Tensor, dict]:
+    """(input_ids [B, W], forward keywords) for 1-D token tensors, left-padded to the longest.
+
+    The keywords hold ``attention_mask`` and explicit ``position_ids`` (so padding changes
+    nothing) when any row is padded, and nothing when none is: the last position of every row
+    is its prompt's last token.
+    """
+    if not seqs:
+        raise ValueError("left_pad needs at least one sequence")
+    width = max(len(s) for s in seqs)
+    device = device if device is not None else seqs[0].device
+    ids = torch.zeros(len(seqs), width, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for row, s in enumerate(seqs):
+        ids[row, width - len(s) :] = s
+        mask[row, width - len(s) :] = 1
+    if mask.min() == 1:
+        return ids, {}
+    return ids, {"attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp_min(0)}

@@ -1,0 +1,105 @@
+"""Capture: activations and streamed attention statistics equal to full-map computations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qviz import QuantConfig, QuantPlan, metrics
+from qviz.models import get_adapter
+from qviz.probes.batch import left_pad, length_batches
+from qviz.probes.capture import (
+    AttentionReference,
+    attention_params,
+    capture,
+    isolated_outputs,
+    last_states,
+)
+from qviz.quant.engine import engine_for
+from tests.conftest import hook_count, tiny_gpt2, tiny_llama
+
+
+def test_resid_matches_hidden_states(tiny_model):
+    ad = get_adapter(tiny_model)
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2]])
+    cap = capture(tiny_model, ad, ids, ("resid", "gate", "mlp_out"))
+    assert hook_count(tiny_model) == 0
+    with torch.no_grad():  # (transformers leaves its own hooks after output_hidden_states)
+        out = tiny_model(ids, output_hidden_states=True)
+    n = ad.n_layers(tiny_model)
+    assert cap.resid.shape == (n + 1, 7, 64)
+    torch.testing.assert_close(cap.resid[0], out.hidden_states[0][0])
+    torch.testing.assert_close(cap.resid[n - 1], out.hidden_states[n - 1][0])
+    torch.testing.assert_close(cap.logits[0], out.logits[0, -1])
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_streamed_attention_stats_equal_full_maps(make):
+    """Entropy and JS computed one layer at a time, the reference's maps recomputed on the fly,
+    equal the old computation over every layer's full maps in float64 (1e-5)."""
+    model = make()
+    ad = get_adapter(model)
+    for layer in ad.decoder_layers(model):  # sharper maps than a random init's near-uniform ones
+        for p in layer.get_submodule(ad.attn).parameters():
+            p.data.mul_(6.0)
+    engine = engine_for(model)
+    plan = QuantPlan.uniform(QuantConfig(bits=2, group_size=32))
+    ids = torch.tensor([[7, 3, 9, 2, 8, 1, 4, 6, 5, 3, 2, 11, 12]])
+    with engine.quantized(QuantPlan.none()):
+        full_r = capture(model, ad, ids, ("attn",)).attn
+        ref = capture(model, ad, ids, ("attn_in", "attn_stats"), on_attention=lambda *a: None)
+        params = attention_params(model, ad)
+    with engine.quantized(plan):
+        full_q = capture(model, ad, ids, ("attn",)).attn
+    n, h = full_r.shape[:2]
+    ent, js, seen_ref = torch.zeros(n, h), torch.zeros(n, h), []
+
+    def stats(i, probs, ref_probs):
+        assert probs.shape == (1, h, 13, 13)
+        ent[i] = metrics.normalized_entropy(probs)[0]
+        js[i] = metrics.js_divergence(ref_probs, probs)[0]
+        seen_ref.append(ref_probs)
+
+    with engine.quantized(plan):
+        capture(
+            model, ad, ids, on_attention=stats, reference=AttentionReference(ref.attn_in, params)
+        )
+    want_ent = metrics.normalized_entropy(full_q, dtype=torch.float64)
+    want_js = metrics.js_divergence(full_r, full_q, dtype=torch.float64)
+    torch.testing.assert_close(ent.double(), want_ent, atol=1e-5, rtol=0)
+    torch.testing.assert_close(js.double(), want_js, atol=1e-5, rtol=1e-3)
+    torch.testing.assert_close(seen_ref[0][0], full_r[0], atol=1e-6, rtol=0)
+    assert want_js.max() > 1e-3  # the plan does move the maps
+    assert hook_count(model) == 0
+
+
+def test_capture_rejects_unknown_and_needs_a_callback(tiny_model):
+    ad = get_adapter(tiny_model)
+    with pytest.raises(ValueError, match="cannot capture"):
+        capture(tiny_model, ad, torch.tensor([[1, 2]]), ("weights",))
+    with pytest.raises(ValueError, match="on_attention"):
+        capture(tiny_model, ad, torch.tensor([[1, 2]]), ("attn_stats",))
+
+
+def test_last_states_and_isolation(tiny_model):
+    ad = get_adapter(tiny_model)
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    cap = capture(tiny_model, ad, ids, ("resid",))
+    st = last_states(tiny_model, ad, ids)
+    torch.testing.assert_close(st[:, 0], cap.resid[:, -1])
+    outs = isolated_outputs(tiny_model, ad, ids, cap.resid[:-1])  # fed its own inputs
+    torch.testing.assert_close(outs, cap.resid[1:], atol=1e-5, rtol=0)
+    assert hook_count(tiny_model) == 0
+
+
+def test_left_padding_changes_nothing():
+    model = tiny_llama()
+    ad = get_adapter(model)
+    seqs = [torch.tensor([3, 1, 4]), torch.tensor([1, 5, 9, 2, 6])]
+    ids, kw = left_pad(seqs)
+    assert ids.shape == (2, 5) and kw["attention_mask"][0].tolist() == [0, 0, 1, 1, 1]
+    st = last_states(model, ad, ids, **kw)
+    alone = last_states(model, ad, seqs[0][None])
+    torch.testing.assert_close(st[:, 0], alone[:, 0], atol=1e-5, rtol=0)
+    assert left_pad([seqs[0], seqs[0]])[1] == {}
+    assert list(length_batches([5, 1, 3], max_tokens=6)) == [[1, 2], [0]]
