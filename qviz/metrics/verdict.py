@@ -26,6 +26,8 @@ explanation cannot disagree.
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 
 HEALTHY = "healthy"
@@ -155,6 +157,27 @@ def _sign(name, kind, value, threshold, seen, text, ok_text) -> dict:
     )
 
 
+# the signs that compare one figure with one threshold, in the rule's order:
+# (name, kind, evidence key, words, test, threshold, number format)
+_CUTS = (
+    ("severe_flips", "collapse", "max_flip_rate", "gate signs flip at", ">", SEVERE_FLIP, ".2f"),
+    ("rank_thousands", "collapse", "quant_rank", "answer rank", ">=", COLLAPSE_RANK, "d"),
+    ("cka_dark", "collapse", "cka_diag_mean", "CKA diagonal mean", "<", COLLAPSE_CKA, ".2f"),
+    (
+        "entropy_high",
+        "collapse",
+        "mid_attn_entropy",
+        "mid-layer attention entropy",
+        ">",
+        COLLAPSE_ENTROPY,
+        ".2f",
+    ),
+    ("cka_blurred", "degradation", "cka_diag_mean", "CKA diagonal mean", "<", HEALTHY_CKA, ".2f"),
+)
+# each test, and the words of its opposite
+_OPS = {">": (operator.gt, "<="), ">=": (operator.ge, "<"), "<": (operator.lt, ">=")}
+
+
 def signs(evidence: dict) -> list[dict]:
     """Every sign the evidence allows, in the rule's order: dicts with ``name``, ``label`` (for
     people), ``kind`` ("warning" | "collapse" | "degradation"), ``value``, ``threshold``,
@@ -193,77 +216,15 @@ def signs(evidence: dict) -> list[dict]:
                 f"{ev.get('isolation_min_cosine', float('nan')):.2f} >= {BROKEN_LAYER_COSINE:g})",
             )
         )
-    if has("max_flip_rate"):
-        f = ev["max_flip_rate"]
-        out.append(
-            _sign(
-                "severe_flips",
-                "collapse",
-                f,
-                SEVERE_FLIP,
-                f > SEVERE_FLIP,
-                f"gate signs flip at {f:.2f} (> {SEVERE_FLIP:.2f})",
-                f"gate signs flip at most at {f:.2f} (<= {SEVERE_FLIP:.2f})",
-            )
-        )
-    if has("quant_rank"):
-        q = ev["quant_rank"]
-        out.append(
-            _sign(
-                "rank_thousands",
-                "collapse",
-                q,
-                COLLAPSE_RANK,
-                q >= COLLAPSE_RANK,
-                f"answer rank {q} (>= {COLLAPSE_RANK})",
-                f"answer rank {q} (< {COLLAPSE_RANK})",
-            )
-        )
-    if has("cka_diag_mean"):
-        c = ev["cka_diag_mean"]
-        out.append(
-            _sign(
-                "cka_dark",
-                "collapse",
-                c,
-                COLLAPSE_CKA,
-                c < COLLAPSE_CKA,
-                f"CKA diagonal mean {c:.2f} (< {COLLAPSE_CKA:.2f})",
-                f"CKA diagonal mean {c:.2f} (>= {COLLAPSE_CKA:.2f})",
-            )
-        )
-    if has("mid_attn_entropy"):
-        e, e_ref = ev["mid_attn_entropy"], ev.get("ref_mid_attn_entropy")
-        already = e_ref is not None and e_ref > COLLAPSE_ENTROPY
-        out.append(
-            _sign(
-                "entropy_high",
-                "collapse",
-                e,
-                COLLAPSE_ENTROPY,
-                e > COLLAPSE_ENTROPY and not already,
-                f"mid-layer attention entropy {e:.2f} (> {COLLAPSE_ENTROPY:.2f})",
-                f"mid-layer attention entropy {e:.2f} "
-                + (
-                    f"(full precision already {e_ref:.2f} > {COLLAPSE_ENTROPY:.2f})"
-                    if already
-                    else f"(<= {COLLAPSE_ENTROPY:.2f})"
-                ),
-            )
-        )
-    if has("cka_diag_mean"):
-        c = ev["cka_diag_mean"]
-        out.append(
-            _sign(
-                "cka_blurred",
-                "degradation",
-                c,
-                HEALTHY_CKA,
-                c < HEALTHY_CKA,
-                f"CKA diagonal mean {c:.2f} (< {HEALTHY_CKA:.2f})",
-                f"CKA diagonal mean {c:.2f} (>= {HEALTHY_CKA:.2f})",
-            )
-        )
+    for name, kind, key, what, op, threshold, fmt in _CUTS:
+        if has(key):
+            v = ev[key]
+            test, other = _OPS[op]
+            seen = test(v, threshold)
+            if name == "entropy_high" and ev.get("ref_mid_attn_entropy", 0.0) > threshold:
+                seen, other = False, f"full precision already {ev['ref_mid_attn_entropy']:.2f} >"
+            said = f"{what} {v:{fmt}} ({{}} {threshold:{fmt}})"
+            out.append(_sign(name, kind, v, threshold, seen, said.format(op), said.format(other)))
     if has("quant_rank") and has("ref_rank"):
         q, r = ev["quant_rank"], ev["ref_rank"]
         out.append(
