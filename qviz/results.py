@@ -124,13 +124,47 @@ class ResidualStats:
 
 @dataclass
 class Verdict:
-    """mode: "healthy" | "signal degradation" | "computation collapse"; evidence: named figures."""
+    """mode: "healthy" | "signal degradation" | "computation collapse" | "target not predicted"
+    (the full-precision model misses the target: no quantization verdict, see ``warning``);
+    evidence: named figures (``qviz.metrics.verdict.verdict``).
+
+    ``signs``, ``sentence``, ``warning`` and ``labels`` are read from the evidence by the rule's
+    own module, ``qviz.metrics.verdict``, so the words always match the figures.
+    """
 
     mode: str
     evidence: dict = field(default_factory=dict)
 
+    @property
+    def signs(self) -> list[dict]:
+        """Each sign: name, label, kind, value, threshold, seen, text (see ``metrics.verdict``)."""
+        from qviz.metrics.verdict import signs
+
+        return signs(self.evidence)
+
+    @property
+    def sentence(self) -> str:
+        """The signs seen, with measured values and thresholds, in one sentence."""
+        from qviz.metrics.verdict import sentence
+
+        return sentence(self.mode, self.evidence)
+
+    @property
+    def warning(self) -> str | None:
+        """Why there is no quantization verdict (the reference misses the target), else None."""
+        from qviz.metrics.verdict import warning
+
+        return warning(self.evidence)
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """A human label for each evidence key (the key itself where none is known)."""
+        from qviz.metrics.verdict import EVIDENCE_LABELS
+
+        return {k: EVIDENCE_LABELS.get(k, k) for k in self.evidence}
+
     def to_frame(self) -> pd.DataFrame:
-        return pd.DataFrame([{"mode": self.mode, **self.evidence}])
+        return pd.DataFrame([{"mode": self.mode, **self.evidence, "sentence": self.sentence}])
 
 
 @dataclass
