@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qviz.app import ServerProcess
 from tests.views.browser import (
     TIMEOUT_MS,
     PageRecorder,
+    ServerProcess,
     chromium_or_skip,
     cka_fingerprint,
     launch,
