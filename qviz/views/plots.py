@@ -166,7 +166,7 @@ def update_cka(plot: Plot, cka: LayerMap | None) -> None:
 
 def cka_caption(cka: LayerMap | None) -> str:
     """How the map was computed, for the figure: "pooled over 32 prompts, first token left out"."""
-    return "" if cka is None else f"linear CKA {cka.how}"
+    return "" if cka is None else f"linear CKA: {cka.how}"
 
 
 # differences (quantized minus reference) --------------------------------------------------
@@ -183,7 +183,7 @@ def _diff_plot(title: str, name: str, x: tuple[str, str], y: tuple[str, str], he
     """A diverging heatmap (blue below zero, red above) of quantized minus reference."""
     fig = _heatmap_figure(title, x[1], y[1], height, width)
     src = ColumnDataSource(diff_data(None, x[0], y[0]), name=name)
-    mapper = LinearColorMapper(palette=list(reversed(RdBu11)), low=-1.0, high=1.0)
+    mapper = LinearColorMapper(palette=RdBu11, low=-1.0, high=1.0)
     fig.rect(
         x[0], y[0], 1, 1, source=src, fill_color={"field": "diff", "transform": mapper},
         line_color=None,
@@ -261,7 +261,8 @@ def mark_stale(plot: Plot, note: str = "") -> None:
         plot.extra["stale"] = badge
     if badge.text != note or badge.visible != bool(note):
         badge.update(text=note or badge.text, visible=bool(note))
-    styles = {"opacity": "0.45"} if note else {}
+    # BokehJS keeps a style that is removed, so clearing sets full opacity explicitly
+    styles = {"opacity": "0.45" if note else "1"}
     if dict(plot.root.styles or {}) != styles:
         plot.root.styles = styles
 

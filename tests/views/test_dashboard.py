@@ -129,7 +129,7 @@ def test_views_mark_themselves_stale_while_work_runs():
     assert "qviz-stale" in d.views["verdict"].text
     lab.release.set()
     assert d.wait(JOIN)
-    assert not badge.visible and dict(cka.root.styles) == {}
+    assert not badge.visible and dict(cka.root.styles) == {"opacity": "1"}
     assert "qviz-stale" not in d.views["verdict"].text
     diff = d.views["cka_diff"].plot.sources["diff"].data
     assert len(diff["diff"]) in (0, len(cka.sources["cka"].data["cka"]))
