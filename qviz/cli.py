@@ -83,8 +83,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     """A standalone HTML report (inline resources); --png exports screenshots of it."""
     from pathlib import Path
 
-    from qviz.app import build_report, export_pngs
     from qviz.lab import Lab
+    from qviz.report import build_report, export_pngs
 
     lab = Lab.load(args.model)
     try:

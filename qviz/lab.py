@@ -310,3 +310,15 @@ class Lab:
         return _repair.repair_report(
             self, plan, prompts, alphas, protect_n, protect_bits, domino, calibration
         )
+
+    # dashboard support ------------------------------------------------------------------------
+    def prepare(self, plan: QuantPlan, cancel=None, on_progress=None) -> None:
+        """Materialize ``plan``'s weights now (cached by the engine); ``on_progress(done, total)``
+        per decoder layer of calibrated methods; a set ``cancel`` raises qviz.cancel.Cancelled."""
+        self.engine.materialize(plan, cancel=cancel, on_progress=on_progress)
+
+    def memory_table(self, plans, n_facts: int = 0, cancel=None):
+        """MemoryTable: weight MiB, effective bits and (``n_facts`` > 0) accuracy per plan."""
+        from qviz.studies.memory import memory_table
+
+        return memory_table(self, plans, n_facts=n_facts, cancel=cancel)

@@ -19,9 +19,21 @@ class LayerMap:
     values: np.ndarray
     n_samples: int
     estimator: str
-    reference: np.ndarray | None = None
+    reference: np.ndarray | None = None  # [L+1, L+1] reference-vs-reference CKA
     n_prompts: int = 1
-    drop_first: bool = False
+    drop_first: bool = False  # the first (attention-sink) position left out of every prompt
+
+    @property
+    def difference(self) -> np.ndarray | None:
+        """[L+1, L+1] quantized-vs-reference minus reference-vs-reference (None without it)."""
+        return None if self.reference is None else self.values - self.reference
+
+    @property
+    def how(self) -> str:
+        """How the map was computed, in words: "pooled over 32 prompts, first token left out"."""
+        pooled = "1 prompt" if self.n_prompts == 1 else f"pooled over {self.n_prompts} prompts"
+        tokens = "first token left out" if self.drop_first else "all tokens"
+        return f"{pooled}, {tokens} ({self.n_samples} samples, {self.estimator})"
 
     def to_frame(self) -> pd.DataFrame:
         r, q = np.indices(self.values.shape)
@@ -410,3 +422,24 @@ class RepairReport:
         frame = pd.DataFrame(rows)
         frame["n_failures"] = self.n_failures
         return frame
+
+
+@dataclass
+class MemoryTable:
+    """Weight memory and fact-recall accuracy per plan (``Lab.memory_table``).
+
+    rows: one dict per plan, in the order asked: plan (label), bits (the plan's bit-width, 16
+    for full precision), mib (weight memory), effective_bits (stored bits per weight, scales
+    and zeros included) and accuracy (NaN when not measured); n_facts: facts per accuracy.
+    """
+
+    rows: list[dict]
+    n_facts: int = 0
+
+    def to_frame(self) -> pd.DataFrame:
+        cols = ["plan", "bits", "mib", "effective_bits", "accuracy"]
+        return pd.DataFrame(self.rows, columns=cols)
+
+    def row(self, plan_label: str) -> dict | None:
+        """The row of ``plan_label`` (None when absent)."""
+        return next((r for r in self.rows if r["plan"] == plan_label), None)

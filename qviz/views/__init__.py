@@ -5,11 +5,14 @@ Importing this package imports Panel; ``import qviz`` alone does not.
 
 from qviz.views import plots
 from qviz.views.components import (
+    LAYOUT,
+    AttentionDifference,
     AttentionEntropy,
+    CKADifference,
     CKAMap,
     DashboardState,
     FFNSignFlips,
-    LensTrajectory,
+    LensView,
     MemoryPareto,
     PatchingHeatmap,
     VerdictCard,
@@ -18,13 +21,16 @@ from qviz.views.components import (
 from qviz.views.dashboard import Backend, Dashboard, backend_for, extension, in_voila
 
 __all__ = [
+    "LAYOUT",
+    "AttentionDifference",
     "AttentionEntropy",
+    "CKADifference",
     "Backend",
     "CKAMap",
     "Dashboard",
     "DashboardState",
     "FFNSignFlips",
-    "LensTrajectory",
+    "LensView",
     "MemoryPareto",
     "PatchingHeatmap",
     "VerdictCard",

@@ -12,13 +12,22 @@ from collections.abc import Callable
 import panel as pn
 import param
 
-from qviz.quant.config import METHODS, QuantConfig, QuantPlan
+from qviz.quant.config import QuantConfig, QuantPlan
 from qviz.results import Comparison, PatchGrid
-from qviz.views import plots
+from qviz.views import plots, text
 
 DEFAULT_PROMPT = "The capital of France is"
 DEFAULT_TARGET = " Paris"
 GROUP_SIZES = {"32": 32, "64": 64, "128": 128, "per channel": None}
+
+
+def method_names() -> list[str]:
+    """The quantization methods of the registry ``qviz.quant.METHODS`` (names, in order)."""
+    try:
+        from qviz.quant import METHODS
+    except ImportError:  # before the registry: the tuple of names in quant.config
+        from qviz.quant.config import METHODS
+    return list(METHODS)
 
 
 class DashboardState(param.Parameterized):
@@ -30,7 +39,7 @@ class DashboardState(param.Parameterized):
     bits = param.Integer(default=4, bounds=(2, 8))
     group_size = param.Selector(default=128, objects=list(GROUP_SIZES.values()))
     symmetric = param.Boolean(default=False)
-    method = param.Selector(default="rtn", objects=list(METHODS))
+    method = param.Selector(default="rtn", objects=method_names())
     protect_first = param.Integer(default=0, bounds=(0, 8), doc="first k layers kept at 8 bits")
     selected_layer = param.Integer(default=None, allow_None=True, doc="decoder layer")
     component = param.Selector(default="resid", objects=["resid", "attn", "mlp"])
@@ -38,9 +47,24 @@ class DashboardState(param.Parameterized):
     comparison = param.ClassSelector(class_=Comparison, default=None, allow_None=True)
     patch_grid = param.ClassSelector(class_=PatchGrid, default=None, allow_None=True)
     pareto_rows = param.List(default=[])
+    shown = param.Tuple(default=None, allow_None=True, length=3,
+                        doc="(plan label, prompt, target) of the comparison shown")  # fmt: skip
     error = param.String(default="", doc="the last error message, shown in the app")
     busy = param.Boolean(default=False)
     status = param.String(default="")
+
+    SETTINGS = ("prompt", "target", "bits", "group_size", "symmetric", "method", "protect_first")
+
+    def asked(self) -> tuple[str, str, str] | None:
+        """(plan label, prompt, target) the controls ask for; None when they are invalid."""
+        try:
+            return (self.plan().label, self.prompt, self.target)
+        except ValueError:
+            return None
+
+    def stale_note(self) -> str:
+        """ "stale: showing rtn4-g128, asked rtn2-g128" while the comparison shown is older."""
+        return text.stale_note(self.shown, self.asked())
 
     def config(self) -> QuantConfig:
         """The QuantConfig of the current settings (raises ValueError when invalid)."""
@@ -170,6 +194,7 @@ class _FigureView(pn.viewable.Viewer):
         for fig in self._tap_figures():
             fig.on_event("tap", self._on_tap)
         state.param.watch(self._on_result, self._watched())
+        state.param.watch(self._on_stale, ["shown", *DashboardState.SETTINGS])
         state.param.watch(self._on_select, "selected_layer")
         self._refresh()
         plots.select(self.plot, state.selected_layer)
@@ -187,15 +212,27 @@ class _FigureView(pn.viewable.Viewer):
     def _tap_figures(self) -> list:
         return [self.plot.root]
 
+    def _stale(self) -> str:
+        """The stale note of this view ("" when it shows what the controls ask)."""
+        return self.state.stale_note()
+
     # behaviour
     def _refresh(self) -> None:
         self._update()
+        plots.mark_stale(self.plot, self._stale())
 
     def _on_result(self, *_events) -> None:
         ui_call(self._doc, self._apply_result)
 
     def _apply_result(self) -> None:
         self._refresh()
+        self._push()
+
+    def _on_stale(self, *_events) -> None:
+        ui_call(self._doc, self._apply_stale)
+
+    def _apply_stale(self) -> None:
+        plots.mark_stale(self.plot, self._stale())
         self._push()
 
     def _on_select(self, *_events) -> None:
@@ -236,7 +273,20 @@ class CKAMap(_FigureView):
         plots.update_cka(self.plot, cmp.cka if cmp is not None else None)
 
 
-class LensTrajectory(_FigureView):
+class CKADifference(_FigureView):
+    """CKA(reference, quantized) minus CKA(reference, reference): where quantization moved it."""
+
+    kind = "cka"
+
+    def _build(self) -> plots.Plot:
+        return plots.cka_diff_plot()
+
+    def _update(self) -> None:
+        cmp = self.state.comparison
+        plots.update_cka_diff(self.plot, cmp.cka if cmp is not None else None)
+
+
+class LensView(_FigureView):
     """Target probability and rank (log axis) per layer, reference vs quantized."""
 
     kind = "lens"
@@ -263,6 +313,19 @@ class AttentionEntropy(_FigureView):
     def _update(self) -> None:
         cmp = self.state.comparison
         plots.update_attention(self.plot, cmp.attention if cmp is not None else None)
+
+
+class AttentionDifference(_FigureView):
+    """Attention entropy, quantized minus reference, layer x head."""
+
+    kind = "attention"
+
+    def _build(self) -> plots.Plot:
+        return plots.attention_diff_plot()
+
+    def _update(self) -> None:
+        cmp = self.state.comparison
+        plots.update_attention_diff(self.plot, cmp.attention if cmp is not None else None)
 
 
 class FFNSignFlips(_FigureView):
@@ -294,10 +357,13 @@ class PatchingHeatmap(_FigureView):
         return int(grid.prob.shape[0]) if grid is not None else 0
 
     def _update(self) -> None:
-        grid, cmp = self.state.patch_grid, self.state.comparison
-        plots.update_patch(self.plot, grid)
-        if grid is not None and cmp is not None and grid.plan_label != cmp.plan_label:
-            self.plot.root.title.text = "(stale: run tracing again) " + plots.patch_title(grid)
+        plots.update_patch(self.plot, self.state.patch_grid)
+
+    def _stale(self) -> str:
+        grid, asked = self.state.patch_grid, self.state.asked()
+        if grid is None or asked is None or grid.plan_label == asked[0]:
+            return ""
+        return f"stale: traced {grid.plan_label}, asked {asked[0]} (run tracing again)"
 
 
 class MemoryPareto(_FigureView):
@@ -319,6 +385,9 @@ class MemoryPareto(_FigureView):
 
     def _update(self) -> None:
         plots.update_pareto(self.plot, self.state.pareto_rows, current_bits=self.state.bits)
+
+    def _stale(self) -> str:
+        return ""  # one point per bit-width: never shows an older setting than the controls
 
 
 class DivPane(pn.viewable.Viewer):
@@ -376,19 +445,16 @@ class VerdictCard(pn.viewable.Viewer):
         super().__init__(**params)
         self.state = state
         self.card = DivPane(self._text(), css_classes=["qviz-verdict-card"], width=330)
-        state.param.watch(self._refresh, ["comparison", "selected_layer"])
+        state.param.watch(
+            self._refresh, ["comparison", "selected_layer", "shown", *DashboardState.SETTINGS]
+        )
 
     @property
     def text(self) -> str:
         return self.card.text
 
     def _text(self) -> str:
-        cmp = self.state.comparison
-        return plots.verdict_html(
-            cmp.verdict if cmp is not None else None,
-            cmp.plan_label if cmp is not None else "",
-            plots.layer_summary(cmp, self.state.selected_layer),
-        )
+        return verdict_card_html(self.state)
 
     def _refresh(self, *_events) -> None:
         self.card.text = self._text()
@@ -397,13 +463,50 @@ class VerdictCard(pn.viewable.Viewer):
         return pn.Column(pn.pane.Markdown("### Verdict", margin=(0, 10)), self.card)
 
 
+def verdict_card_html(state: DashboardState) -> str:
+    """The verdict card of ``state`` (both fronts): mode, plan, selected layer, stale badge."""
+    cmp = state.comparison
+    card = text.verdict_html(
+        cmp.verdict if cmp is not None else None,
+        cmp.plan_label if cmp is not None else "",
+        text.layer_summary(cmp, state.selected_layer),
+    )
+    return text.stale_badge(state.stale_note()) + card
+
+
 def figure_views(state: DashboardState) -> dict[str, _FigureView]:
     """Every figure view bound to ``state`` (both dashboard fronts show these)."""
     return {
         "cka": CKAMap(state),
-        "lens": LensTrajectory(state),
+        "cka_diff": CKADifference(state),
+        "lens": LensView(state),
         "patch": PatchingHeatmap(state),
         "attention": AttentionEntropy(state),
+        "attention_diff": AttentionDifference(state),
         "ffn": FFNSignFlips(state),
         "pareto": MemoryPareto(state),
     }
+
+
+# The one layout of the dashboard: rows of view names, a nested list is a column. The Panel
+# Dashboard, the ipywidgets front and the HTML report all arrange their views with it.
+LAYOUT: list[list] = [
+    ["cka", "cka_diff", "verdict"],
+    ["lens", ["ffn", "attention"]],
+    ["patch", "attention_diff", "pareto"],
+]
+
+
+def arrange(items: dict, row: Callable, column: Callable, layout: list[list] = LAYOUT):
+    """``layout`` built with ``row(*children)`` / ``column(*children)`` from ``items[name]``;
+    names missing from ``items`` are left out (the report has no patch view unless traced)."""
+
+    def build(entry, horizontal: bool):
+        if isinstance(entry, str):
+            return items.get(entry)
+        kids = [k for k in (build(e, not horizontal) for e in entry) if k is not None]
+        if not kids:
+            return None
+        return row(*kids) if horizontal else column(*kids)
+
+    return column(*[r for r in (build(r, True) for r in layout) if r is not None])

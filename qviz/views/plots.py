@@ -26,18 +26,17 @@ from bokeh.models import (
     Span,
     Title,
 )
-from bokeh.palettes import Cividis256, Viridis256
+from bokeh.palettes import Cividis256, RdBu11, Viridis256
 from bokeh.plotting import figure
 
 from qviz.results import (
     AttentionStats,
-    Comparison,
     FFNStats,
     LayerMap,
     LensTrajectory,
     PatchGrid,
-    Verdict,
 )
+from qviz.views.text import MODE_COLORS, layer_summary, verdict_html  # noqa: F401 (re-export)
 
 SEVERE_FLIP = 0.30  # the study's "severe" gate sign flip rate (qviz.metrics.verdict)
 SELECT_COLOR = "#e4572e"
@@ -143,7 +142,9 @@ def cka_plot(cka: LayerMap | None = None, height: int = 360, width: int = 420) -
     fig.add_tools(
         HoverTool(tooltips=[("ref", "@ref"), ("quant", "@quant"), ("CKA", "@cka{0.000}")])
     )
-    plot = Plot(fig, {"cka": src, "diag": diag}, _markers(fig, ("width", "height")))
+    how = Title(text=cka_caption(None), text_font_size="8pt", text_font_style="italic")
+    fig.add_layout(how, "below")
+    plot = Plot(fig, {"cka": src, "diag": diag}, _markers(fig, ("width", "height")), {"how": how})
     plot.state_indexed = True
     update_cka(plot, cka)
     return plot
@@ -152,12 +153,118 @@ def cka_plot(cka: LayerMap | None = None, height: int = 360, width: int = 420) -
 def update_cka(plot: Plot, cka: LayerMap | None) -> None:
     """Replace the CKA cells in place; resize ranges when the layer count changes."""
     plot.sources["cka"].data = cka_data(cka)
+    caption = cka_caption(cka)
+    if plot.extra["how"].text != caption:
+        plot.extra["how"].text = caption
     n = 1 if cka is None else cka.values.shape[0]
     fig = plot.root
     _set_range(fig.x_range, -0.5, n - 0.5)
     _set_range(fig.y_range, -0.5, n - 0.5)
     if len(plot.sources["diag"].data["x"]) != 2 or plot.sources["diag"].data["x"][1] != n - 0.5:
         plot.sources["diag"].data = {"x": [-0.5, n - 0.5], "y": [-0.5, n - 0.5]}
+
+
+def cka_caption(cka: LayerMap | None) -> str:
+    """How the map was computed, for the figure: "pooled over 32 prompts, first token left out"."""
+    return "" if cka is None else f"linear CKA: {cka.how}"
+
+
+# differences (quantized minus reference) --------------------------------------------------
+def diff_data(values: np.ndarray | None, x_name: str, y_name: str) -> dict:
+    """Cells of a [X, Y] difference grid: x, y, diff (quantized minus reference)."""
+    if values is None:
+        return {x_name: [], y_name: [], "diff": []}
+    v = np.asarray(values, dtype=float)
+    x, y = np.indices(v.shape)
+    return {x_name: x.ravel(), y_name: y.ravel(), "diff": v.ravel()}
+
+
+def _diff_plot(title: str, name: str, x: tuple[str, str], y: tuple[str, str], height, width):
+    """A diverging heatmap (blue below zero, red above) of quantized minus reference."""
+    fig = _heatmap_figure(title, x[1], y[1], height, width)
+    src = ColumnDataSource(diff_data(None, x[0], y[0]), name=name)
+    mapper = LinearColorMapper(palette=RdBu11, low=-1.0, high=1.0)
+    fig.rect(
+        x[0], y[0], 1, 1, source=src, fill_color={"field": "diff", "transform": mapper},
+        line_color=None,
+    )  # fmt: skip
+    fig.add_layout(ColorBar(color_mapper=mapper, width=10, title="quant - ref"), "right")
+    fig.add_tools(
+        HoverTool(tooltips=[(f"{x[1]}, {y[1]}", f"@{x[0]}, @{y[0]}"), ("diff", "@diff{+0.000}")])
+    )
+    return Plot(fig, {"diff": src}, extra={"mapper": mapper, "base_title": title})
+
+
+def _update_diff(plot: Plot, values: np.ndarray | None, x_name: str, y_name: str) -> None:
+    plot.sources["diff"].data = diff_data(values, x_name, y_name)
+    n_x, n_y = (1, 1) if values is None else np.shape(values)
+    _set_range(plot.root.x_range, -0.5, n_x - 0.5)
+    _set_range(plot.root.y_range, -0.5, n_y - 0.5)
+    hi = float(np.nanmax(np.abs(values))) if values is not None and np.size(values) else 1.0
+    hi = max(hi, 1e-3)
+    if plot.extra["mapper"].high != hi:
+        plot.extra["mapper"].update(low=-hi, high=hi)
+    title = plot.extra["base_title"] + ("" if values is not None else " (no reference)")
+    if plot.root.title.text != title:
+        plot.root.title.text = title
+
+
+def cka_diff_plot(cka: LayerMap | None = None, height: int = 360, width: int = 420) -> Plot:
+    """CKA(reference, quantized) minus CKA(reference, reference), reference (x) by quantized (y)."""
+    plot = _diff_plot(
+        "CKA difference: quantized - reference", "qviz_cka_diff",
+        ("ref", "reference layer"), ("quant", "quantized layer"), height, width,
+    )  # fmt: skip
+    plot.markers = _markers(plot.root, ("width", "height"))
+    plot.state_indexed = True
+    update_cka_diff(plot, cka)
+    return plot
+
+
+def update_cka_diff(plot: Plot, cka: LayerMap | None) -> None:
+    """Replace the difference cells in place (empty when ``cka`` has no reference map)."""
+    _update_diff(plot, None if cka is None else cka.difference, "ref", "quant")
+
+
+def attention_diff_plot(
+    att: AttentionStats | None = None, height: int = 280, width: int = 460
+) -> Plot:
+    """Attention entropy, quantized minus reference, decoder layer (x) by head (y)."""
+    plot = _diff_plot(
+        "Attention entropy difference: quantized - reference", "qviz_attention_diff",
+        ("layer", "decoder layer"), ("head", "head"), height, width,
+    )  # fmt: skip
+    plot.markers = _markers(plot.root, ("height",))
+    update_attention_diff(plot, att)
+    return plot
+
+
+def update_attention_diff(plot: Plot, att: AttentionStats | None) -> None:
+    diff = None if att is None else np.asarray(att.quant_entropy) - np.asarray(att.ref_entropy)
+    _update_diff(plot, diff, "layer", "head")
+
+
+# stale marks ------------------------------------------------------------------------------
+STALE_COLOR = "#b26a00"
+
+
+def mark_stale(plot: Plot, note: str = "") -> None:
+    """Show ``note`` (e.g. "stale: showing 4-bit, asked 2-bit") above the view and dim it;
+    an empty note clears the mark. In place: one Title model made on first use, then toggled."""
+    badge = plot.extra.get("stale")
+    if badge is None:
+        if not note:
+            return
+        badge = Title(text=note, text_color=STALE_COLOR, text_font_size="9pt", visible=False)
+        fig = plot.figures[0] if plot.figures else plot.root
+        fig.add_layout(badge, "above")
+        plot.extra["stale"] = badge
+    if badge.text != note or badge.visible != bool(note):
+        badge.update(text=note or badge.text, visible=bool(note))
+    # BokehJS keeps a style that is removed, so clearing sets full opacity explicitly
+    styles = {"opacity": "0.45" if note else "1"}
+    if dict(plot.root.styles or {}) != styles:
+        plot.root.styles = styles
 
 
 # logit lens -----------------------------------------------------------------------------------
@@ -480,57 +587,6 @@ def update_pareto(plot: Plot, rows: list[dict] | None, current_bits: int | None 
         "mib": [data["mib"][i] for i in idx],
         "acc_y": [data["acc_y"][i] for i in idx],
     }
-
-
-# verdict --------------------------------------------------------------------------------------
-MODE_COLORS = {
-    "healthy": "#2e7d32",
-    "signal degradation": "#ef6c00",
-    "computation collapse": "#c62828",
-}
-
-
-def verdict_html(verdict: Verdict | None, plan_label: str = "", layer_line: str = "") -> str:
-    """The verdict card's HTML: the mode in a coloured badge and its evidence as a table."""
-    if verdict is None:
-        return (
-            '<div class="qviz-verdict"><span class="qviz-verdict-mode">no result yet</span></div>'
-        )
-    color = MODE_COLORS.get(verdict.mode, "#555555")
-    rows = []
-    for k, v in verdict.evidence.items():
-        if isinstance(v, (bool, np.bool_)):
-            val = "yes" if v else "no"
-        elif isinstance(v, float):
-            val = f"{v:.3f}"
-        else:
-            val = html.escape(str(v))
-        rows.append(f"<tr><td>{html.escape(k)}</td><td>{val}</td></tr>")
-    plan = f'<div class="qviz-plan">plan: {html.escape(plan_label)}</div>' if plan_label else ""
-    extra = f'<div class="qviz-layer">{html.escape(layer_line)}</div>' if layer_line else ""
-    return (
-        f'<div class="qviz-verdict" data-mode="{html.escape(verdict.mode)}">'
-        f'<span class="qviz-verdict-mode" style="background:{color};color:white;'
-        f'padding:4px 10px;border-radius:4px;font-weight:bold;font-size:1.2em">'
-        f"{html.escape(verdict.mode)}</span>{plan}{extra}"
-        f'<table class="qviz-evidence" style="margin-top:6px;font-size:0.9em">'
-        f"{''.join(rows)}</table></div>"
-    )
-
-
-def layer_summary(cmp: Comparison | None, layer: int | None) -> str:
-    """One line about decoder layer ``layer`` of ``cmp`` (for the verdict card)."""
-    if cmp is None or layer is None:
-        return ""
-    n = len(cmp.ffn.flip_rate)
-    if not 0 <= layer < n:
-        return ""
-    return (
-        f"layer {layer}: CKA diag {cmp.cka.diagonal[layer + 1]:.3f}, "
-        f"gate flips {cmp.ffn.flip_rate[layer]:.1%}, "
-        f"attn entropy {float(np.mean(cmp.attention.quant_entropy[layer])):.3f}, "
-        f"lens rank {int(cmp.lens.quantized.rank[layer + 1])}"
-    )
 
 
 def layer_from_tap(plot_kind: str, x: float | None, y: float | None) -> int | None:

@@ -7,11 +7,19 @@ by itself) with BokehJS loaded inline, so it works offline in JupyterLab and in 
 
 from __future__ import annotations
 
+import html
+
 import ipywidgets as W
 
-from qviz.views import plots
-from qviz.views.components import GROUP_SIZES, DashboardState, figure_views
-from qviz.views.dashboard import N_FACTS, Controller, backend_for
+from qviz.views.components import (
+    GROUP_SIZES,
+    DashboardState,
+    arrange,
+    figure_views,
+    method_names,
+    verdict_card_html,
+)
+from qviz.views.dashboard import N_FACTS, Controller, backend_for, status_html
 
 _BOKEH_LOADED = False
 
@@ -40,28 +48,13 @@ class WidgetDashboard:
         self.controller = Controller(self.backend, s, dispatch=lambda fn: fn())
         self.views = figure_views(s)
         self.figures = {k: BokehModel(v.plot.root) for k, v in self.views.items()}
-        self.verdict = W.HTML(self._verdict_html())
-        s.param.watch(lambda *_: setattr(self.verdict, "value", self._verdict_html()),
-                      ["comparison", "selected_layer"])  # fmt: skip
+        self.verdict = W.HTML(verdict_card_html(s))
+        watched = ["comparison", "selected_layer", "shown", *DashboardState.SETTINGS]
+        s.param.watch(lambda *_: setattr(self.verdict, "value", verdict_card_html(s)), watched)
         self.controls = self._controls()
-        f = self.figures
-        main = W.VBox(
-            [
-                W.HBox([f["cka"], self.verdict]),
-                W.HBox([f["lens"], W.VBox([f["ffn"], f["attention"]])]),
-                W.HBox([f["patch"], f["pareto"]]),
-            ]
-        )
+        main = arrange({**self.figures, "verdict": self.verdict}, _hbox, _vbox)
         self.widget = W.HBox([self.controls, main])
         self.controller.start()
-
-    def _verdict_html(self) -> str:
-        cmp = self.state.comparison
-        return plots.verdict_html(
-            cmp.verdict if cmp is not None else None,
-            cmp.plan_label if cmp is not None else "",
-            plots.layer_summary(cmp, self.state.selected_layer),
-        )
 
     def _controls(self) -> W.VBox:
         s = self.state
@@ -74,7 +67,7 @@ class WidgetDashboard:
         group = W.Dropdown(options=list(GROUP_SIZES.items()), value=s.group_size,
                            description="Group size", layout=lay, style=style)  # fmt: skip
         sym = W.Checkbox(s.symmetric, description="Symmetric")
-        method = W.Dropdown(options=["rtn", "gptq"], value=s.method, description="Method")
+        method = W.Dropdown(options=method_names(), value=s.method, description="Method")
         protect = W.IntSlider(s.protect_first, min=0, max=8, description="Protect k",
                               continuous_update=False)  # fmt: skip
         layer = W.IntText(s.selected_layer or 0, description="Layer", layout=lay)
@@ -84,6 +77,8 @@ class WidgetDashboard:
         trace.on_click(lambda _b: self.controller.request_trace())
         acc = W.Button(description=f"Accuracy ({N_FACTS} facts)")
         acc.on_click(lambda _b: self.controller.request_pareto(measure=True))
+        self.cancel = W.Button(description="Cancel", button_style="warning", disabled=True)
+        self.cancel.on_click(lambda _b: self.controller.cancel())
         self.progress = W.IntProgress(value=1, min=0, max=1, bar_style="info", layout=lay)
         self.status = W.HTML("")
         self.error = W.HTML("")
@@ -99,7 +94,7 @@ class WidgetDashboard:
         s.param.watch(self._on_status, ["busy", "status", "error"])
         self._on_status()
         return W.VBox(
-            [*pairs.values(), trace, acc, self.progress, self.status, self.error],
+            [*pairs.values(), trace, acc, self.cancel, self.progress, self.status, self.error],
             layout=W.Layout(width="280px"),
         )
 
@@ -118,9 +113,10 @@ class WidgetDashboard:
     def _on_status(self, *_events) -> None:
         s = self.state
         self.progress.layout.visibility = "visible" if s.busy else "hidden"
-        self.status.value = f"<code>{s.status}</code>" if s.status else ""
+        self.cancel.disabled = not s.busy
+        self.status.value = status_html(s.status)
         self.error.value = (
-            f'<div style="color:#c62828;white-space:pre-wrap">{plots.html.escape(s.error)}</div>'
+            f'<div style="color:#c62828;white-space:pre-wrap">{html.escape(s.error)}</div>'
             if s.error
             else ""
         )
@@ -130,6 +126,14 @@ class WidgetDashboard:
 
     def _repr_mimebundle_(self, **kw):
         return self.widget._repr_mimebundle_(**kw)
+
+
+def _hbox(*children) -> W.HBox:
+    return W.HBox(list(children))
+
+
+def _vbox(*children) -> W.VBox:
+    return W.VBox(list(children))
 
 
 def dashboard(lab, state: DashboardState | None = None) -> WidgetDashboard:

@@ -1,12 +1,104 @@
-"""Shared pieces of the browser tests: chromium, request recording, Panel slider moves."""
+"""The browser-test harness: ``qviz serve`` in a subprocess, chromium, request recording,
+Panel slider moves and the page's CKA data fingerprint (test-only; the app knows none of it)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
 
-from qviz.app import CHROMIUM_ARGS, JS_CKA_FINGERPRINT, find_chromium
+from qviz.report import CHROMIUM_ARGS, find_chromium
+
+JS_CKA_FINGERPRINT = """() => {
+  if (!window.Bokeh) return null;
+  for (const doc of Bokeh.documents) {
+    const src = doc.get_model_by_name('qviz_cka');
+    if (!src) continue;
+    const data = src.data;
+    const col = data instanceof Map ? data.get('cka') : data['cka'];
+    if (!col || col.length === 0) return null;
+    let s = 0;
+    for (let i = 0; i < col.length; i++) s += col[i] * ((i % 7) + 1);
+    return col.length + ':' + s.toFixed(6);
+  }
+  return null;
+}"""
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``qviz serve`` in a subprocess on a free 127.0.0.1 port; a context manager giving the URL.
+
+    Waits until the page answers (up to ``timeout`` s); raises RuntimeError with the server's
+    output when it does not come up. The process is terminated on exit.
+    """
+
+    def __init__(self, model: str = "smollm2-135m", timeout: float = 180.0) -> None:
+        self.model = model
+        self.timeout = timeout
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.proc = None
+        self._log = None
+
+    def __enter__(self) -> str:
+        import os
+        import subprocess
+        import sys
+        import tempfile
+        import time
+        import urllib.request
+
+        repo = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ)
+        env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        self._log = tempfile.TemporaryFile()
+        cmd = [sys.executable, "-m", "qviz.cli", "serve", "--model", self.model]
+        cmd += ["--port", str(self.port)]
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as r:
+                    if r.status == 200:
+                        return self.url
+            except OSError:
+                time.sleep(0.3)
+        out = self.output()
+        self.__exit__(None, None, None)
+        raise RuntimeError(f"qviz serve did not come up on {self.url}:\n{out}")
+
+    def output(self, tail: int = 4000) -> str:
+        """The last ``tail`` characters the server printed."""
+        if self._log is None:
+            return ""
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")[-tail:]
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost")
 TIMEOUT_MS = 240_000  # a cold compare on a busy 2-core machine; never a performance claim

@@ -125,7 +125,7 @@ def test_ipywidgets_front_shares_state_and_plots(lab):
 
 
 def test_report_is_standalone_html(lab):
-    from qviz.app import build_report
+    from qviz.report import build_report
 
     text = build_report(lab, [2], prompt="The capital of France is", target=" Paris", n_facts=4)
     assert "computation collapse" in text or "signal degradation" in text
@@ -153,5 +153,7 @@ def test_gptq_progress_reaches_the_status(tmp_path, monkeypatch):
     ctl.request_compare()
     assert ctl.wait(120)
     assert state.error == "" and state.comparison.plan_label.startswith("gptq3")
-    layers = [m for m in seen if m.startswith("GPTQ gptq3")]
+    assert seen[0] == "preparing gptq3-g32: capturing calibration inputs ..."
+    layers = [m for m in seen if m.startswith("preparing gptq3-g32: layer")]
     assert layers[-1].endswith("layer 3/3 ...") and len(layers) == 3
+    assert "ETA" in layers[0] and "ETA" not in layers[-1]

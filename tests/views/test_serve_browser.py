@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qviz.app import ServerProcess
 from tests.views.browser import (
     TIMEOUT_MS,
     PageRecorder,
+    ServerProcess,
     chromium_or_skip,
     cka_fingerprint,
     launch,
@@ -114,3 +114,45 @@ def test_two_sessions_keep_their_own_settings(server, chrome):
     assert rec_a.errors == [] and rec_b.errors == []
     a.close()
     b.close()
+
+
+def _slider_value(page) -> int:
+    return int(float(page.locator(".qviz-bits .noUi-handle").first.get_attribute("aria-valuenow")))
+
+
+def test_fast_key_presses_under_load_end_where_the_last_press_asked(server, chrome, tmp_path):
+    """The slider never snaps back: after quick presses on a loaded machine, the slider, the
+    state (the status and verdict card) and the data shown all agree with the last press."""
+    import subprocess
+    import sys
+
+    page, rec = _open(chrome, server)
+    press_slider(page, "ArrowLeft")  # 4 -> 3: the 3-bit data's fingerprint, for reference
+    wait_plan(page, 3)
+    fp3 = cka_fingerprint(page)
+    press_slider(page, "ArrowRight")
+    wait_plan(page, 4)
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        handle = page.locator(".qviz-bits .noUi-handle").first
+        handle.focus()
+        keys = ["ArrowRight"] * 3 + ["ArrowLeft"] * 4 + ["ArrowRight"] * 2 + ["ArrowLeft"] * 2
+        for key in keys:  # 4 -> 7 -> 3 -> 5 -> 3, no waiting between presses
+            handle.press(key)
+        assert _slider_value(page) == 3
+        wait_plan(page, 3)
+        from playwright.sync_api import expect
+
+        status = page.locator(".qviz-status").first
+        expect(status).to_contain_text("showing rtn3-g128", timeout=TIMEOUT_MS)
+        expect(page.locator(".qviz-busy").first).to_be_hidden(timeout=TIMEOUT_MS)
+    finally:
+        burner.kill()
+        burner.wait()
+    assert _slider_value(page) == 3, "the slider snapped back"
+    assert page.locator(".qviz-bits .bk-slider-value").first.inner_text().strip() == "3"
+    assert "rtn3-g128" in page.locator(".qviz-plan").first.inner_text()
+    assert cka_fingerprint(page) == fp3
+    assert page.locator(".qviz-stale").count() == 0
+    assert rec.errors == [], rec.errors
+    page.close()

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from qviz.app import free_port
 from tests.views.browser import (
     PageRecorder,
     chromium_or_skip,
     cka_fingerprint,
+    free_port,
     launch,
     press_slider,
     wait_cka_change,

@@ -1,0 +1,127 @@
+"""Text views: the verdict card's HTML, one-line layer summaries, human labels and numbers.
+
+Shared by the dashboard (both fronts) and the report; pure functions of result objects.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+
+import numpy as np
+
+from qviz.results import Comparison, Verdict
+
+# human labels of verdict evidence and table columns (fallback: snake_case -> words)
+LABELS = {
+    "cka_diag_mean": "CKA diagonal (mean)",
+    "ref_rank": "answer rank, full precision",
+    "quant_rank": "answer rank, quantized",
+    "max_flip_rate": "max FFN gate sign flips",
+    "mid_attn_entropy": "attention entropy, middle layers",
+    "sign_cka_dark": "sign: CKA goes dark",
+    "sign_rank_thousands": "sign: rank in the thousands",
+    "sign_severe_flips": "sign: severe gate flips",
+    "sign_entropy_high": "sign: attention entropy high",
+    "isolation_min_cosine": "isolation: lowest layer cosine",
+    "isolation_broken_layers": "isolation: broken layers",
+    "isolation_first_broken": "isolation: first broken layer",
+    "effective_bits": "bits per weight",
+    "mib": "weight memory (MiB)",
+}
+RATES = {"max_flip_rate"}  # shown as percentages
+
+
+def human(key: str) -> str:
+    """The human label of an evidence or column key."""
+    return LABELS.get(key, key.replace("_", " "))
+
+
+def fmt(value, key: str = "") -> str:
+    """A number as a person reads it: 0.333 not 0.333333, 12% for rates, "-" for missing."""
+    if value is None:
+        return "-"
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        if key == "isolation_first_broken" and value < 0:
+            return "none"
+        return f"{int(value):,}"
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        if math.isnan(v):
+            return "-"
+        if key in RATES:
+            return f"{v:.1%}"
+        return f"{v:.3f}" if abs(v) < 10 else f"{v:,.1f}"
+    return str(value)
+
+
+MODE_COLORS = {
+    "healthy": "#2e7d32",
+    "signal degradation": "#ef6c00",
+    "computation collapse": "#c62828",
+}
+
+
+def verdict_html(verdict: Verdict | None, plan_label: str = "", layer_line: str = "") -> str:
+    """The verdict card's HTML: the mode in a coloured badge and its evidence as a table."""
+    if verdict is None:
+        return (
+            '<div class="qviz-verdict"><span class="qviz-verdict-mode">no result yet</span></div>'
+        )
+    color = MODE_COLORS.get(verdict.mode, "#555555")
+    rows = []
+    for k, v in verdict.evidence.items():
+        if isinstance(v, (bool, np.bool_)):
+            val = "yes" if v else "no"
+        elif isinstance(v, float):
+            val = f"{v:.3f}"
+        else:
+            val = html.escape(str(v))
+        rows.append(f"<tr><td>{html.escape(k)}</td><td>{val}</td></tr>")
+    plan = f'<div class="qviz-plan">plan: {html.escape(plan_label)}</div>' if plan_label else ""
+    extra = f'<div class="qviz-layer">{html.escape(layer_line)}</div>' if layer_line else ""
+    return (
+        f'<div class="qviz-verdict" data-mode="{html.escape(verdict.mode)}">'
+        f'<span class="qviz-verdict-mode" style="background:{color};color:white;'
+        f'padding:4px 10px;border-radius:4px;font-weight:bold;font-size:1.2em">'
+        f"{html.escape(verdict.mode)}</span>{plan}{extra}"
+        f'<table class="qviz-evidence" style="margin-top:6px;font-size:0.9em">'
+        f"{''.join(rows)}</table></div>"
+    )
+
+
+def layer_summary(cmp: Comparison | None, layer: int | None) -> str:
+    """One line about decoder layer ``layer`` of ``cmp`` (for the verdict card)."""
+    if cmp is None or layer is None:
+        return ""
+    n = len(cmp.ffn.flip_rate)
+    if not 0 <= layer < n:
+        return ""
+    return (
+        f"layer {layer}: CKA diag {cmp.cka.diagonal[layer + 1]:.3f}, "
+        f"gate flips {cmp.ffn.flip_rate[layer]:.1%}, "
+        f"attn entropy {float(np.mean(cmp.attention.quant_entropy[layer])):.3f}, "
+        f"lens rank {int(cmp.lens.quantized.rank[layer + 1])}"
+    )
+
+
+def stale_note(shown: tuple | None, asked: tuple | None) -> str:
+    """What differs between the result ``shown`` and the one ``asked``, both
+    (plan label, prompt, target); "" when they agree or nothing is shown yet."""
+    if shown is None or asked is None or tuple(shown) == tuple(asked):
+        return ""
+    if shown[0] != asked[0]:
+        return f"stale: showing {shown[0]}, asked {asked[0]}"
+    return "stale: showing the previous prompt or target"
+
+
+def stale_badge(note: str) -> str:
+    """A small orange badge holding ``note`` ("" when the note is empty)."""
+    if not note:
+        return ""
+    return (
+        '<div class="qviz-stale" style="color:#b26a00;border:1px solid #b26a00;'
+        f'border-radius:4px;padding:2px 6px;margin-bottom:4px">{html.escape(note)}</div>'
+    )

@@ -1,0 +1,57 @@
+"""The command line parses its commands and refuses bad input with a message naming it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qviz.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMANDS = ["fetch", "diagnose", "serve", "report", "bench"]
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_every_command_has_help(cmd, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([cmd, "--help"])
+    assert exit_.value.code == 0
+    assert f"usage: qviz {cmd}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "required: cmd"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["report", "--bits", "two"], "--bits takes a comma list of ints like 2,3,4,8, got 'two'"),
+        (["diagnose", "--bits", "4,x"], "got '4,x'"),
+        (["serve", "--port", "http"], "invalid int value: 'http'"),
+        (["bench", "nothing"], "invalid choice: 'nothing'"),
+        (["report", "--facts", "many"], "invalid int value: 'many'"),
+    ],
+)
+def test_bad_arguments_exit_2_naming_the_input(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.model
+def test_diagnose_refuses_a_bit_width_outside_2_to_8():
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "qviz.cli", "diagnose", "--bits", "9"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
+    assert out.returncode != 0
+    assert "bits must be an int in 2..8, got bits=9" in out.stderr

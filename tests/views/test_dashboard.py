@@ -1,0 +1,197 @@
+"""The dashboard's controller on a tiny in-process model: cancellation, last request wins, stale
+marks, weakly held Labs, the escaped status line and the one layout (no browser)."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+import weakref
+
+import pytest
+
+import qviz
+from qviz.cancel import check_cancel
+from qviz.views.components import LAYOUT, DashboardState, arrange
+from qviz.views.dashboard import Backend, Controller, Progress
+from tests.conftest import CharTokenizer, tiny_llama
+
+JOIN = 120  # seconds; only detects a deadlock
+
+
+def tiny_lab(cls=qviz.Lab):
+    return cls(tiny_llama(), CharTokenizer(), name="tiny")
+
+
+def tiny_state(**kw) -> DashboardState:
+    return DashboardState(model="tiny", target="a", bits=4, group_size=32, **kw)
+
+
+class SlowLab(qviz.Lab):
+    """prepare() of a 2-bit plan runs "layers" until its cancel event is set or it is released."""
+
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.release = threading.Event()
+        self.started = threading.Event()
+        self.cancelled: list[str] = []
+
+    def prepare(self, plan, cancel=None, on_progress=None) -> None:
+        if plan.default is not None and plan.default.bits == 2:
+            self.started.set()
+            for i in range(10_000):
+                try:
+                    check_cancel(cancel, f"before layer {i}")
+                except qviz.cancel.Cancelled:
+                    self.cancelled.append(plan.label)
+                    raise
+                if self.release.wait(0.01):
+                    break
+        super().prepare(plan, cancel=cancel, on_progress=on_progress)
+
+
+def test_memory_table_matches_fp16_and_code_bits():
+    lab = tiny_lab()
+    plans = [qviz.QuantPlan.none(), qviz.QuantPlan.uniform(qviz.QuantConfig(bits=4, group_size=32))]
+    table = lab.memory_table(plans)
+    frame = table.to_frame()
+    assert list(frame["plan"]) == ["fp", "rtn4-g32"] and list(frame["bits"]) == [16, 4]
+    # independent reference: every weight matrix (embeddings and head included), 2 bytes each
+    n = sum(p.numel() for p in lab.model.parameters() if p.dim() == 2)
+    assert frame["mib"][0] == pytest.approx(n * 2 / 2**20)
+    # decoder projections: 4-bit codes plus a 16-bit scale and zero per group of 32 = 5 bits;
+    # embeddings and head stay at 16 bits
+    lin = sum(
+        p.numel()
+        for name, p in lab.model.model.layers.named_parameters()
+        if name.endswith("proj.weight")
+    )
+    assert frame["effective_bits"][1] == pytest.approx((lin * 5 + (n - lin) * 16) / n)
+    assert frame["accuracy"].isna().all() and table.n_facts == 0
+
+
+def test_a_newer_request_cancels_slow_work_and_the_last_request_wins():
+    lab = tiny_lab(SlowLab)
+    state = tiny_state()
+    ctl = Controller(Backend(lab), state, dispatch=lambda fn: fn())
+    ctl.start()
+    assert ctl.wait(JOIN) and state.shown[0] == "rtn4-g32"
+    seen = []
+    state.param.watch(lambda e: seen.append(e.new), "status")
+    state.bits = 2
+    assert lab.started.wait(JOIN)
+    assert seen[0] == "computing rtn2-g32 ..."
+    assert state.stale_note() == "stale: showing rtn4-g32, asked rtn2-g32"
+    state.bits = 3  # newer request: the 2-bit prepare stops at its next step
+    assert ctl.wait(JOIN)
+    assert lab.cancelled == ["rtn2-g32"]
+    assert state.shown[0] == "rtn3-g32" and state.comparison.plan_label == "rtn3-g32"
+    assert state.error == "" and state.stale_note() == "" and not state.busy
+
+
+def test_returning_to_a_cached_setting_cancels_and_cancel_button_keeps_the_view():
+    lab = tiny_lab(SlowLab)
+    state = tiny_state()
+    ctl = Controller(Backend(lab), state, dispatch=lambda fn: fn())
+    ctl.start()
+    assert ctl.wait(JOIN)
+    state.bits = 2
+    assert lab.started.wait(JOIN)
+    state.bits = 4  # cached: shown at once, the 2-bit work is cancelled
+    assert ctl.wait(JOIN)
+    assert lab.cancelled == ["rtn2-g32"] and state.shown[0] == "rtn4-g32"
+    lab.started.clear()
+    state.bits = 2
+    assert lab.started.wait(JOIN)
+    ctl.cancel()  # the Cancel button
+    assert ctl.wait(JOIN)
+    assert lab.cancelled == ["rtn2-g32", "rtn2-g32"]
+    assert state.shown[0] == "rtn4-g32" and state.error == "" and not state.busy
+    assert state.status.startswith("cancelled; stale: showing rtn4-g32, asked rtn2-g32")
+    ctl.close()  # a closed session ignores later requests
+    state.bits = 5
+    assert ctl.wait(JOIN) and state.shown[0] == "rtn4-g32"
+
+
+def test_views_mark_themselves_stale_while_work_runs():
+    from qviz.views import Dashboard
+
+    lab = tiny_lab(SlowLab)
+    d = Dashboard(lab, state=tiny_state())
+    assert d.wait(JOIN)
+    cka = d.views["cka"].plot
+    assert "stale" not in (cka.extra.get("stale") or type("T", (), {"text": ""})).text
+    d.state.bits = 2
+    assert lab.started.wait(JOIN)
+    badge = cka.extra["stale"]
+    assert badge.visible and badge.text == "stale: showing rtn4-g32, asked rtn2-g32"
+    assert cka.root.styles == {"opacity": "0.45"}
+    assert "qviz-stale" in d.views["verdict"].text
+    lab.release.set()
+    assert d.wait(JOIN)
+    assert not badge.visible and dict(cka.root.styles) == {"opacity": "1"}
+    assert "qviz-stale" not in d.views["verdict"].text
+    diff = d.views["cka_diff"].plot.sources["diff"].data
+    assert len(diff["diff"]) in (0, len(cka.sources["cka"].data["cka"]))
+
+
+def test_a_lab_is_collected_after_its_dashboard_is_dropped():
+    from qviz.views import Dashboard
+    from qviz.views.dashboard import backend_for
+
+    lab = tiny_lab()
+    d = Dashboard(lab, state=tiny_state())
+    assert d.wait(JOIN)
+    assert backend_for(lab) is d.backend and len(d.backend) > 0
+    ref = weakref.ref(lab)
+    del d, lab
+    for _ in range(3):
+        gc.collect()
+    assert ref() is None, [type(r).__name__ for r in gc.get_referrers(ref())]
+
+
+def test_widgets_front_escapes_its_status_line_and_uses_the_registry():
+    from qviz import widgets
+
+    d = widgets.WidgetDashboard(tiny_lab(), state=tiny_state(), load_js=False)
+    assert d.wait(JOIN)
+    d.state.status = "<script>alert(1)</script> & more"
+    assert "<script>" not in d.status.value
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; more" in d.status.value
+    method = next(w for w in d.controls.children if getattr(w, "description", "") == "Method")
+    assert list(method.options) == list(qviz.quant.config.METHODS)
+
+
+def test_progress_reports_layers_with_an_eta(monkeypatch):
+    clock = iter([100.0, 130.0, 140.0, 150.0])  # start, layer 1 (capture + 1 layer), 2, 3
+    monkeypatch.setattr(time, "monotonic", lambda: next(clock))
+    got = []
+    p = Progress("gptq4-g128", got.append)
+    p(1, 4)
+    p(2, 4)
+    p(3, 4)
+    assert got == [
+        "preparing gptq4-g128: layer 1/4, ETA 01:30 ...",
+        "preparing gptq4-g128: layer 2/4, ETA 00:20 ...",
+        "preparing gptq4-g128: layer 3/4, ETA 00:10 ...",
+    ]
+
+
+def test_one_layout_serves_every_front():
+    names = {"cka", "cka_diff", "verdict", "lens", "ffn", "attention", "patch"}
+    names |= {"attention_diff", "pareto"}
+    flat = []
+
+    def walk(e):
+        if isinstance(e, str):
+            flat.append(e)
+        else:
+            for x in e:
+                walk(x)
+
+    walk(LAYOUT)
+    assert set(flat) == names and len(flat) == len(names)
+    built = arrange(
+        {"cka": "C", "lens": "L", "ffn": "F"}, lambda *k: ("row", k), lambda *k: ("col", k)
+    )
+    assert built == ("col", (("row", ("C",)), ("row", ("L", ("col", ("F",))))))
