@@ -176,7 +176,8 @@ class Verdict:
         return {k: EVIDENCE_LABELS.get(k, k) for k in self.evidence}
 
     def to_frame(self) -> pd.DataFrame:
-        return pd.DataFrame([{"mode": self.mode, **self.evidence, "sentence": self.sentence}])
+        row = {"mode": self.mode, **self.evidence, "sentence": self.sentence}
+        return pd.DataFrame([{**row, "warning": self.warning}])
 
 
 @dataclass

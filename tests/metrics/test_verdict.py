@@ -180,6 +180,7 @@ def test_old_callers_keep_working():
     v = Verdict(mode, ev)
     frame = v.to_frame()
     assert frame["mode"].iloc[0] == HEALTHY and frame["sentence"].iloc[0] == v.sentence
+    assert frame["warning"].iloc[0] is None
     # a hand-made verdict with partial evidence still explains what it has
     hand = Verdict("signal degradation", {"cka_diag_mean": 0.5, "quant_rank": 3})
     assert hand.warning is None and "CKA diagonal mean 0.50 (< 0.95)" in hand.sentence
