@@ -1,183 +1,24 @@
-"""Dashboard state (``param``), a superseding background worker, and the Panel view components.
-
-Views hold one figure each (built once by :mod:`qviz.views.plots`) and update its data sources
-in place when the state's results or the selected layer change. Clicking a view selects a layer.
+"""The Panel view components: one bokeh figure each (built once by :mod:`qviz.views.plots`),
+updated in place when the state's results or the selected layer change, marked stale while they
+show an older setting than the controls. Clicking a view selects a layer. ``LAYOUT`` and
+``arrange`` are the one layout every front (Panel, ipywidgets, the report) builds.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 
 import panel as pn
-import param
 
-from qviz.quant.config import QuantConfig, QuantPlan
-from qviz.results import Comparison, PatchGrid
 from qviz.views import plots, text
-
-DEFAULT_PROMPT = "The capital of France is"
-DEFAULT_TARGET = " Paris"
-GROUP_SIZES = {"32": 32, "64": 64, "128": 128, "per channel": None}
-
-
-def method_names() -> list[str]:
-    """The quantization methods of the registry ``qviz.quant.METHODS`` (names, in order)."""
-    try:
-        from qviz.quant import METHODS
-    except ImportError:  # before the registry: the tuple of names in quant.config
-        from qviz.quant.config import METHODS
-    return list(METHODS)
-
-
-class DashboardState(param.Parameterized):
-    """Everything one session sets, plus the results shown; one instance per browser session."""
-
-    model = param.String(default="smollm2-135m", doc="model name or path (set by the app)")
-    prompt = param.String(default=DEFAULT_PROMPT)
-    target = param.String(default=DEFAULT_TARGET, doc="a single-token expected answer")
-    bits = param.Integer(default=4, bounds=(2, 8))
-    group_size = param.Selector(default=128, objects=list(GROUP_SIZES.values()))
-    symmetric = param.Boolean(default=False)
-    method = param.Selector(default="rtn", objects=method_names())
-    protect_first = param.Integer(default=0, bounds=(0, 8), doc="first k layers kept at 8 bits")
-    selected_layer = param.Integer(default=None, allow_None=True, doc="decoder layer")
-    component = param.Selector(default="resid", objects=["resid", "attn", "mlp"])
-
-    comparison = param.ClassSelector(class_=Comparison, default=None, allow_None=True)
-    patch_grid = param.ClassSelector(class_=PatchGrid, default=None, allow_None=True)
-    pareto_rows = param.List(default=[])
-    shown = param.Tuple(default=None, allow_None=True, length=3,
-                        doc="(plan label, prompt, target) of the comparison shown")  # fmt: skip
-    error = param.String(default="", doc="the last error message, shown in the app")
-    busy = param.Boolean(default=False)
-    status = param.String(default="")
-
-    SETTINGS = ("prompt", "target", "bits", "group_size", "symmetric", "method", "protect_first")
-
-    def asked(self) -> tuple[str, str, str] | None:
-        """(plan label, prompt, target) the controls ask for; None when they are invalid."""
-        try:
-            return (self.plan().label, self.prompt, self.target)
-        except ValueError:
-            return None
-
-    def stale_note(self) -> str:
-        """ "stale: showing rtn4-g128, asked rtn2-g128" while the comparison shown is older."""
-        return text.stale_note(self.shown, self.asked())
-
-    def config(self) -> QuantConfig:
-        """The QuantConfig of the current settings (raises ValueError when invalid)."""
-        return QuantConfig(
-            bits=int(self.bits),
-            group_size=self.group_size,
-            symmetric=bool(self.symmetric),
-            method=self.method,
-        )
-
-    def plan(self) -> QuantPlan:
-        """The plan of the current settings: uniform, or source protection of the first k."""
-        cfg = self.config()
-        if self.protect_first > 0:
-            return QuantPlan.protect_first(cfg, n=int(self.protect_first), bits=8)
-        return QuantPlan.uniform(cfg)
-
-
-class Worker:
-    """Runs one kind of slow job off the UI thread; a newer request supersedes older ones.
-
-    ``submit(job)`` queues ``job`` (a no-argument callable); at most one runs at a time and only
-    the latest queued job runs next. ``deliver(result, error, token)`` is called with the outcome
-    of the most recent request only (stale outcomes are dropped), through ``dispatch``, which
-    moves the call onto the UI thread (e.g. a bokeh document's ``add_next_tick_callback``).
-    """
-
-    def __init__(
-        self,
-        deliver: Callable[[object, BaseException | None, int], None],
-        dispatch: Callable[[Callable[[], None]], None],
-        name: str = "qviz-worker",
-    ) -> None:
-        self._deliver = deliver
-        self._dispatch = dispatch
-        self._name = name
-        self._lock = threading.Lock()
-        self._pending: tuple[int, Callable[[], object]] | None = None
-        self._running = False
-        self._token = 0
-        self._idle = threading.Event()
-        self._idle.set()
-
-    @property
-    def token(self) -> int:
-        """The id of the latest request."""
-        return self._token
-
-    def submit(self, job: Callable[[], object]) -> int:
-        with self._lock:
-            self._token += 1
-            token = self._token
-            self._pending = (token, job)
-            self._idle.clear()
-            if self._running:
-                return token
-            self._running = True
-        threading.Thread(target=self._loop, name=self._name, daemon=True).start()
-        return token
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until no job is queued or running (for tests and scripts)."""
-        return self._idle.wait(timeout)
-
-    def _loop(self) -> None:
-        while True:
-            with self._lock:
-                if self._pending is None:
-                    self._running = False
-                    self._idle.set()
-                    return
-                token, job = self._pending
-                self._pending = None
-            result, error = None, None
-            try:
-                result = job()
-            except Exception as err:  # shown in the app, never only logged
-                error = err
-            with self._lock:
-                latest = token == self._token
-            if latest:
-                try:
-                    self._dispatch(lambda r=result, e=error, t=token: self._deliver(r, e, t))
-                except Exception:  # nowhere to deliver (a closed session): keep the loop alive
-                    pass
-
-
-def is_notebook_comm() -> bool:
-    """True inside a Jupyter kernel (notebook or Voila), where raw bokeh changes need a push."""
-    import sys
-
-    return "ipykernel" in sys.modules and not (pn.state.curdoc and pn.state.curdoc.session_context)
-
-
-def server_doc():
-    """This session's bokeh document under a Panel server, else None (notebook, scripts)."""
-    doc = pn.state.curdoc
-    return doc if doc is not None and doc.session_context is not None else None
-
-
-def ui_call(doc, fn: Callable[[], None]) -> None:
-    """Run ``fn`` (which edits raw bokeh models) where that is safe.
-
-    Under a server the edit must hold the document lock, which widget callbacks do not:
-    schedule it on the document's next tick (thread-safe, keeps order). Elsewhere run it now.
-    """
-    if doc is None:
-        fn()
-        return
-    try:
-        doc.add_next_tick_callback(fn)
-    except Exception:  # the session is gone: nothing to update
-        pass
+from qviz.views.session import Worker, is_notebook_comm, server_doc, ui_call  # noqa: F401
+from qviz.views.state import (  # noqa: F401 (re-exported: the state's old home)
+    DEFAULT_PROMPT,
+    DEFAULT_TARGET,
+    GROUP_SIZES,
+    DashboardState,
+    method_names,
+)
 
 
 class _FigureView(pn.viewable.Viewer):

@@ -256,7 +256,8 @@ def mark_stale(plot: Plot, note: str = "") -> None:
         if not note:
             return
         badge = Title(text=note, text_color=STALE_COLOR, text_font_size="9pt", visible=False)
-        fig = plot.figures[0] if plot.figures else plot.root
+        kids = getattr(plot.root, "children", None)  # a column of figures: the top one
+        fig = kids[0] if kids else plot.root
         fig.add_layout(badge, "above")
         plot.extra["stale"] = badge
     if badge.text != note or badge.visible != bool(note):

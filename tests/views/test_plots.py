@@ -182,3 +182,34 @@ def test_import_qviz_does_not_import_panel():
     root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
     assert out.returncode == 0, out.stderr
+
+
+def test_stale_mark_goes_on_the_top_figure_and_clears_in_place():
+    plot = plots.lens_plot()
+    plots.mark_stale(plot, "stale: showing rtn4-g128, asked rtn2-g128")
+    badge = plot.extra["stale"]
+    assert badge in plot.extra["prob"].above and badge.visible
+    assert plot.root.styles == {"opacity": "0.45"}
+    plots.mark_stale(plot, "")
+    assert plot.extra["stale"] is badge and not badge.visible
+    assert plot.root.styles == {"opacity": "1"}
+
+
+def test_difference_views_show_quantized_minus_reference():
+    import numpy as np
+
+    from qviz.results import AttentionStats, LayerMap
+
+    ref = np.eye(3) * 0.5 + 0.5
+    cka = LayerMap(ref - 0.25, n_samples=10, estimator="biased", reference=ref, n_prompts=32,
+                   drop_first=True)  # fmt: skip
+    plot = plots.cka_diff_plot(cka)
+    np.testing.assert_allclose(plot.sources["diff"].data["diff"], np.full(9, -0.25))
+    assert plot.extra["mapper"].low == -0.25 and plot.extra["mapper"].high == 0.25
+    cka_plot = plots.cka_plot(cka)
+    assert cka_plot.extra["how"].text.startswith("linear CKA: pooled over 32 prompts, first token")
+    att = AttentionStats(np.zeros((2, 4)), np.full((2, 4), 0.1), np.zeros((2, 4)))
+    a = plots.attention_diff_plot(att)
+    np.testing.assert_allclose(a.sources["diff"].data["diff"], np.full(8, 0.1))
+    plots.update_attention_diff(a, None)
+    assert len(a.sources["diff"].data["diff"]) == 0 and "(no reference)" in a.root.title.text

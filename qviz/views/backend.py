@@ -1,0 +1,178 @@
+"""The Backend: the result cache every session of one Lab shares, holding the Lab weakly.
+
+Cache layers, lowest first (each does work the others do not):
+
+1. the GPTQ disk cache: calibrated weights per (model, plan), across processes;
+2. the engine's LRU of materialized weights per plan (a byte budget), in the Lab's engine;
+3. the Lab's activation caches per (prompt, plan) and reference statistics per fact set;
+4. the Backend's result LRU (at most ``max_items``): finished Comparison, PatchGrid and memory
+   rows per setting, so returning to a setting shows it at once with no model work at all.
+
+Views see only the Lab's methods and result objects (``compare``, ``trace``, ``prepare``,
+``memory_table``), never its model, engine or the bundled data.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable
+
+from qviz.quant.config import QuantConfig, QuantPlan
+from qviz.results import Comparison, PatchGrid
+from qviz.views.state import DashboardState
+
+PARETO_BITS = (2, 3, 4, 5, 6, 8)
+N_FACTS = 60  # facts per accuracy point in the dashboard (the report takes --facts)
+
+
+def call_with_cancel(fn: Callable, *args, cancel: threading.Event | None = None, **kw):
+    """``fn(*args, **kw)``, passing ``cancel=`` when ``fn`` takes it (Lab methods that do)."""
+    if cancel is not None and "cancel" in inspect.signature(fn).parameters:
+        kw["cancel"] = cancel
+    return fn(*args, **kw)
+
+
+class Backend:
+    """The result cache every session of one Lab shares (cache layer 4, see the module doc).
+
+    Holds its Lab weakly: the dashboards using it hold the Lab, so dropping them (and the
+    user's own reference) lets the Lab and its model be garbage-collected.
+    """
+
+    def __init__(self, lab, max_items: int = 128) -> None:
+        self._lab = weakref.ref(lab)
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[tuple, object] = OrderedDict()
+        self._max = max_items
+
+    @property
+    def lab(self):
+        lab = self._lab()
+        if lab is None:
+            raise RuntimeError("the Lab of this dashboard was garbage-collected")
+        return lab
+
+    @property
+    def name(self) -> str:
+        return str(self.lab.name)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.lab.n_layers)
+
+    def _cached(self, key: tuple, compute: Callable[[], object]) -> object:
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        value = compute()
+        with self._lock:
+            self._cache[key] = value
+            while len(self._cache) > self._max:
+                self._cache.popitem(last=False)
+        return value
+
+    def peek(self, key: tuple) -> object | None:
+        with self._lock:
+            return self._cache.get(key)
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    @staticmethod
+    def compare_key(prompt: str, target: str, plan: QuantPlan) -> tuple:
+        return ("compare", prompt, target, plan)
+
+    def compare(
+        self, prompt: str, target: str, plan: QuantPlan, cancel: threading.Event | None = None
+    ) -> Comparison:
+        key = self.compare_key(prompt, target, plan)
+        lab = self.lab
+        return self._cached(
+            key,
+            lambda: call_with_cancel(
+                lab.compare, prompt, target=target, plan=plan, cancel=cancel
+            ),  # fmt: skip
+        )
+
+    def trace(
+        self,
+        prompt: str,
+        target: str,
+        plan: QuantPlan,
+        component: str,
+        cancel: threading.Event | None = None,
+    ) -> PatchGrid:
+        key = ("trace", prompt, target, plan, component)
+        lab = self.lab
+        return self._cached(
+            key,
+            lambda: call_with_cancel(
+                lab.trace, prompt, target=target, plan=plan, component=component, cancel=cancel
+            ),
+        )
+
+    def memory_row(
+        self, plan: QuantPlan, n_facts: int, cancel: threading.Event | None = None
+    ) -> dict:
+        """The plan's MemoryTable row (accuracy on ``n_facts`` facts, NaN when 0)."""
+        lab = self.lab
+        return self._cached(
+            ("memory", plan, n_facts),
+            lambda: lab.memory_table([plan], n_facts=n_facts, cancel=cancel).rows[0],
+        )
+
+    def pareto_rows(
+        self, state: DashboardState, n_facts: int | None = None, cancel=None
+    ) -> list[dict]:
+        """Memory (and accuracy when ``n_facts``, else any cached one) per bit-width."""
+        rows = []
+        for bits in PARETO_BITS:
+            plan = plan_for(state, bits)
+            row = self.peek(("memory", plan, N_FACTS)) if not n_facts else None
+            if row is None:
+                row = self.memory_row(plan, n_facts or 0, cancel)
+            rows.append({**row, "bits": bits, "label": f"{bits}-bit"})
+        return rows
+
+
+_BACKENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Lab -> Backend, weakly
+_BACKENDS_LOCK = threading.Lock()
+
+
+def backend_for(lab) -> Backend:
+    """The one Backend of ``lab`` in this process (sessions share it; the Lab is held weakly)."""
+    if isinstance(lab, Backend):
+        return lab
+    with _BACKENDS_LOCK:
+        b = _BACKENDS.get(lab)
+        if b is None:
+            b = _BACKENDS[lab] = Backend(lab)
+        return b
+
+
+def plan_for(state: DashboardState, bits: int) -> QuantPlan:
+    """The state's plan with ``bits`` instead of its own bit-width."""
+    cfg = QuantConfig(
+        bits=bits, group_size=state.group_size, symmetric=state.symmetric, method=state.method
+    )
+    if state.protect_first > 0:
+        return QuantPlan.protect_first(cfg, n=int(state.protect_first), bits=8)
+    return QuantPlan.uniform(cfg)
+
+
+def needs_calibration(method: str) -> bool:
+    """Whether ``method`` calibrates on data (slow, per-layer progress), from the registry."""
+    try:
+        from qviz.quant import METHODS
+
+        obj = METHODS[method]
+        for attr in ("needs_calibration", "calibrated"):
+            if hasattr(obj, attr):
+                return bool(getattr(obj, attr))
+    except (ImportError, KeyError, TypeError):
+        pass
+    return method != "rtn"

@@ -1,0 +1,360 @@
+"""One session's work: the shared Backend, the superseding Worker and the Controller.
+
+Sessions share one :class:`Backend` per Lab but never state. Slow work runs on
+:class:`Worker` threads with a ``threading.Event`` per job: a newer
+request, a return to a cached setting, the Cancel button or a closed session sets it, and the
+work stops at its next step (``qviz.cancel.Cancelled``). Results reach the page on the UI thread
+(the bokeh document's next tick under ``panel serve``); the last result stays shown, marked
+stale, until the new one is ready; errors appear as a message in the app.
+
+The Backend and the cache layers: :mod:`qviz.views.backend`. Views see only the Lab's methods
+and result objects (``compare``, ``trace``, ``prepare``, ``memory_table``), never its model,
+engine or the bundled data.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import panel as pn
+
+from qviz.cancel import Cancelled
+from qviz.quant.config import QuantConfig, QuantPlan
+from qviz.views.backend import (  # noqa: F401 (re-exported)
+    N_FACTS,
+    PARETO_BITS,
+    Backend,
+    backend_for,
+    call_with_cancel,
+    needs_calibration,
+    plan_for,
+)
+from qviz.views.state import DashboardState
+
+
+class Worker:
+    """Runs one kind of slow job off the UI thread; a newer request supersedes older ones.
+
+    ``submit(job)`` queues ``job`` (a no-argument callable); at most one runs at a time and only
+    the latest queued job runs next. ``deliver(result, error, token)`` is called with the outcome
+    of the most recent request only (stale outcomes are dropped), through ``dispatch``, which
+    moves the call onto the UI thread (e.g. a bokeh document's ``add_next_tick_callback``).
+    """
+
+    def __init__(
+        self,
+        deliver: Callable[[object, BaseException | None, int], None],
+        dispatch: Callable[[Callable[[], None]], None],
+        name: str = "qviz-worker",
+    ) -> None:
+        self._deliver = deliver
+        self._dispatch = dispatch
+        self._name = name
+        self._lock = threading.Lock()
+        self._pending: tuple[int, Callable[[], object]] | None = None
+        self._running = False
+        self._token = 0
+        self._idle = threading.Event()
+        self._idle.set()
+
+    @property
+    def token(self) -> int:
+        """The id of the latest request."""
+        return self._token
+
+    def submit(self, job: Callable[[], object]) -> int:
+        with self._lock:
+            self._token += 1
+            token = self._token
+            self._pending = (token, job)
+            self._idle.clear()
+            if self._running:
+                return token
+            self._running = True
+        threading.Thread(target=self._loop, name=self._name, daemon=True).start()
+        return token
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until no job is queued or running (for tests and scripts)."""
+        return self._idle.wait(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                if self._pending is None:
+                    self._running = False
+                    self._idle.set()
+                    return
+                token, job = self._pending
+                self._pending = None
+            result, error = None, None
+            try:
+                result = job()
+            except Exception as err:  # shown in the app, never only logged
+                error = err
+            with self._lock:
+                latest = token == self._token
+            if latest:
+                try:
+                    self._dispatch(lambda r=result, e=error, t=token: self._deliver(r, e, t))
+                except Exception:  # nowhere to deliver (a closed session): keep the loop alive
+                    pass
+
+
+def is_notebook_comm() -> bool:
+    """True inside a Jupyter kernel (notebook or Voila), where raw bokeh changes need a push."""
+    import sys
+
+    return "ipykernel" in sys.modules and not (pn.state.curdoc and pn.state.curdoc.session_context)
+
+
+def server_doc():
+    """This session's bokeh document under a Panel server, else None (notebook, scripts)."""
+    doc = pn.state.curdoc
+    return doc if doc is not None and doc.session_context is not None else None
+
+
+def ui_call(doc, fn: Callable[[], None]) -> None:
+    """Run ``fn`` (which edits raw bokeh models) where that is safe.
+
+    Under a server the edit must hold the document lock, which widget callbacks do not:
+    schedule it on the document's next tick (thread-safe, keeps order). Elsewhere run it now.
+    """
+    if doc is None:
+        fn()
+        return
+    try:
+        doc.add_next_tick_callback(fn)
+    except Exception:  # the session is gone: nothing to update
+        pass
+
+
+def _dispatcher() -> Callable[[Callable[[], None]], None]:
+    """Run callbacks on this session's UI thread: the document's next tick under a server."""
+    doc = server_doc()
+    if doc is not None:
+        return lambda fn: ui_call(doc, fn)  # thread-safe; a closed session drops the result
+    return lambda fn: fn()
+
+
+def mmss(seconds: float) -> str:
+    s = max(0, int(round(seconds)))
+    return f"{s // 60:02d}:{s % 60:02d}"
+
+
+class Progress:
+    """Status lines of a prepare: "layer i/n, ETA mm:ss" from the measured per-layer rate."""
+
+    def __init__(self, label: str, report: Callable[[str], None]) -> None:
+        self.label, self.report = label, report
+        self.t0 = time.monotonic()
+        self.t1: float | None = None  # when the first layer finished (calibration capture ends)
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if self.t1 is None or done <= 1:
+            self.t1, per_layer = now, now - self.t0
+        else:
+            per_layer = (now - self.t1) / (done - 1)
+        eta = f", ETA {mmss(per_layer * (total - done))}" if done < total else ""
+        self.report(f"preparing {self.label}: layer {done}/{total}{eta} ...")
+
+
+class Controller:
+    """Turns one session's settings into background work on the shared Backend.
+
+    Watches the state's settings, runs compare / trace / memory jobs on superseding workers,
+    each with its own cancel event, and writes results, the busy flag, status and error
+    messages back into the state through ``dispatch`` (the UI thread). The last request wins:
+    a result is shown only while it is still the newest of its kind. Shared by the Panel
+    Dashboard and the ipywidgets front.
+    """
+
+    KINDS = ("compare", "trace", "pareto")
+
+    def __init__(self, backend: Backend, state: DashboardState, dispatch=None) -> None:
+        self.backend = backend
+        self.lab = backend.lab  # held strongly while this session lives (the Backend is weak)
+        self.state = state
+        dispatch = dispatch or _dispatcher()
+        self._dispatch = dispatch
+        self._cancel = {k: threading.Event() for k in self.KINDS}
+        self._closed = False
+        self._workers = {
+            "compare": Worker(self._on_compare, dispatch, "qviz-compare"),
+            "trace": Worker(self._on_trace, dispatch, "qviz-trace"),
+            "pareto": Worker(self._on_pareto, dispatch, "qviz-pareto"),
+        }
+        self._busy = dict.fromkeys(self.KINDS, False)
+        state.param.watch(self.request_compare, list(DashboardState.SETTINGS))
+        state.param.watch(
+            self.request_pareto, ["group_size", "symmetric", "method", "protect_first"]
+        )
+
+    def start(self) -> None:
+        self.request_pareto()
+        self.request_compare()
+
+    # cancellation ---------------------------------------------------------------------------
+    def _fresh_cancel(self, kind: str) -> threading.Event:
+        """Cancel ``kind``'s running job (it stops at its next step) and return a new event."""
+        self._cancel[kind].set()
+        ev = self._cancel[kind] = threading.Event()
+        return ev
+
+    def cancel(self, *_events) -> None:
+        """The Cancel button: every running job stops at its next step; results stay shown."""
+        for kind in self.KINDS:
+            self._cancel[kind].set()
+
+    def close(self, *_args) -> None:
+        """The session is gone: cancel everything and ignore later requests."""
+        self._closed = True
+        self.cancel()
+
+    def _set_busy(self, kind: str, busy: bool, status: str | None = None) -> None:
+        self._busy[kind] = busy
+        upd = {"busy": any(self._busy.values())}
+        if status is not None:
+            upd["status"] = status
+        self.state.param.update(**upd)
+
+    def _report(self, kind: str, token: int, msg: str) -> None:
+        """Status ``msg`` from a worker thread, shown if ``token`` is still the newest job."""
+
+        def show() -> None:
+            if self._workers[kind].token == token:
+                self.state.status = msg
+
+        self._dispatch(show)
+
+    def _plan(self):
+        try:
+            return self.state.plan()
+        except ValueError as err:
+            self.state.error = str(err)
+            return None
+
+    # compare --------------------------------------------------------------------------------
+    def request_compare(self, *_events) -> None:
+        """Compare the current settings (instant when cached); supersedes older requests."""
+        s = self.state
+        plan = self._plan()
+        if plan is None or self._closed:
+            return
+        prompt, target = s.prompt, s.target
+        asked = (plan.label, prompt, target)
+        cancel = self._fresh_cancel("compare")  # a newer request or a cached setting: stop
+        cached = self.backend.peek(Backend.compare_key(prompt, target, plan))
+        if cached is not None:  # no model work, but still through the worker: newest wins
+            self._workers["compare"].submit(lambda: (asked, cached))
+            return
+        first = (
+            f"preparing {plan.label}: capturing calibration inputs ..."
+            if any(needs_calibration(c.method) for c in _configs(plan))
+            else f"computing {plan.label} ..."
+        )
+        self._set_busy("compare", True, first)
+        token_box: dict = {}
+
+        def say(msg: str) -> None:  # the token is known once submit returns
+            self._report("compare", token_box.get("token"), msg)
+
+        def work():
+            self.lab.prepare(plan, cancel=cancel, on_progress=Progress(plan.label, say))
+            say(f"comparing {plan.label} with full precision ...")
+            return asked, self.backend.compare(prompt, target, plan, cancel=cancel)
+
+        token_box["token"] = self._workers["compare"].submit(work)
+
+    def _on_compare(self, result, error, token) -> None:
+        s = self.state
+        if token != self._workers["compare"].token:
+            return  # a newer request is queued: its result will come
+        if isinstance(error, Cancelled):
+            self._set_busy(
+                "compare", False, f"cancelled; {s.stale_note() or 'showing ' + _label(s)}"
+            )
+            return
+        if error is not None:
+            s.error = f"{type(error).__name__}: {error}"
+            self._set_busy("compare", False, "")
+            return
+        asked, cmp = result
+        updates = {"comparison": cmp, "shown": asked, "error": ""}
+        n = len(cmp.ffn.flip_rate)
+        if s.selected_layer is None or s.selected_layer >= n:
+            updates["selected_layer"] = n // 2
+        s.param.update(**updates)
+        self._set_busy("compare", False, f"showing {cmp.plan_label}")
+
+    # tracing --------------------------------------------------------------------------------
+    def request_trace(self, *_events) -> None:
+        """Run the causal-tracing sweep of the current settings in the background."""
+        s = self.state
+        plan = self._plan()
+        if plan is None or self._closed:
+            return
+        prompt, target, comp = s.prompt, s.target, s.component
+        cancel = self._fresh_cancel("trace")
+        self._set_busy("trace", True, f"tracing {comp} under {plan.label} ...")
+
+        def work():
+            self.lab.prepare(plan, cancel=cancel)
+            return self.backend.trace(prompt, target, plan, comp, cancel=cancel)
+
+        self._workers["trace"].submit(work)
+
+    def _on_trace(self, result, error, token) -> None:
+        if token != self._workers["trace"].token:
+            return
+        if isinstance(error, Cancelled):
+            self._set_busy("trace", False, "tracing cancelled")
+            return
+        if error is not None:
+            self.state.error = f"{type(error).__name__}: {error}"
+        else:
+            self.state.param.update(patch_grid=result, error="")
+        self._set_busy("trace", False, "tracing done" if error is None else "")
+
+    # memory and accuracy --------------------------------------------------------------------
+    def request_pareto(self, *_events, measure: bool = False) -> None:
+        """Memory per bit-width now; fact-recall accuracy too when ``measure`` (slow)."""
+        s = self.state
+        if self._closed:
+            return
+        cancel = self._fresh_cancel("pareto")
+        if measure:
+            self._set_busy("pareto", True, f"measuring accuracy on {N_FACTS} facts ...")
+        self._workers["pareto"].submit(
+            lambda: self.backend.pareto_rows(s, n_facts=N_FACTS if measure else None, cancel=cancel)
+        )
+
+    def _on_pareto(self, result, error, token) -> None:
+        if token != self._workers["pareto"].token:
+            return
+        if isinstance(error, Cancelled):
+            self._set_busy("pareto", False, "accuracy cancelled")
+            return
+        if error is not None:
+            self.state.error = f"{type(error).__name__}: {error}"
+        else:
+            self.state.pareto_rows = result
+        self._set_busy("pareto", False, None)
+
+    def wait(self, timeout: float | None = 60) -> bool:
+        """Block until queued work is done (scripts and tests; never call it in a callback)."""
+        ok = True
+        for w in self._workers.values():
+            ok = w.wait(timeout) and ok
+        return ok
+
+
+def _configs(plan: QuantPlan) -> list[QuantConfig]:
+    return [c for c in (plan.default, *(c for _, c in plan.overrides)) if c is not None]
+
+
+def _label(state: DashboardState) -> str:
+    return state.shown[0] if state.shown else "nothing yet"
