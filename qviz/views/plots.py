@@ -11,7 +11,6 @@ figure. Layer convention: ``selected`` is a decoder layer ``l``; views indexed b
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass, field
 
 import numpy as np
 from bokeh.layouts import column
@@ -21,7 +20,6 @@ from bokeh.models import (
     ColumnDataSource,
     HoverTool,
     LinearColorMapper,
-    Model,
     Range1d,
     Span,
     Title,
@@ -34,78 +32,32 @@ from qviz.results import (
     FFNStats,
     LayerMap,
     LensTrajectory,
-    PatchGrid,
+)
+from qviz.views.figure import (  # noqa: F401 (re-exported: the figures' common base)
+    QUANT_COLOR,
+    REF_COLOR,
+    SELECT_COLOR,
+    SEVERE_FLIP,
+    STALE_COLOR,
+    TOOLS,
+    Plot,
+    _heatmap_figure,
+    _markers,
+    _set_range,
+    layer_from_tap,
+    mark_stale,
+    select,
+)
+from qviz.views.sweeps import (  # noqa: F401 (re-exported: tracing and memory figures)
+    pareto_data,
+    pareto_plot,
+    patch_data,
+    patch_plot,
+    patch_title,
+    update_pareto,
+    update_patch,
 )
 from qviz.views.text import MODE_COLORS, layer_summary, verdict_html  # noqa: F401 (re-export)
-
-SEVERE_FLIP = 0.30  # the study's "severe" gate sign flip rate (qviz.metrics.verdict)
-SELECT_COLOR = "#e4572e"
-REF_COLOR = "#4c72b0"
-QUANT_COLOR = "#dd8452"
-TOOLS = "tap,reset,save"
-
-
-@dataclass
-class Plot:
-    """A built view: ``root`` to display, ``sources`` to update, ``markers`` of the selection."""
-
-    root: Model
-    sources: dict[str, ColumnDataSource]
-    markers: list[Span] = field(default_factory=list)
-    extra: dict[str, Model] = field(default_factory=dict)
-    state_indexed: bool = False
-
-    @property
-    def figures(self) -> list:
-        return [m for m in self.root.select({"type": figure})] if self.root else []
-
-
-def _heatmap_figure(title: str, x_label: str, y_label: str, height: int, width: int):
-    fig = figure(
-        title=title,
-        x_range=Range1d(-0.5, 0.5),
-        y_range=Range1d(-0.5, 0.5),
-        height=height,
-        width=width,
-        tools=TOOLS,
-        toolbar_location="above",
-    )
-    fig.xaxis.axis_label = x_label
-    fig.yaxis.axis_label = y_label
-    fig.grid.visible = False
-    return fig
-
-
-def _set_range(rng: Range1d, start: float, end: float) -> None:
-    if rng.start != start or rng.end != end:
-        rng.update(start=start, end=end)
-
-
-def select(plot: Plot, layer: int | None) -> None:
-    """Move the selection markers of ``plot`` to decoder layer ``layer`` (None hides them)."""
-    for span in plot.markers:
-        if layer is None:
-            span.visible = False
-        else:
-            loc = layer + 1 if plot.state_indexed else layer
-            if span.location != loc or not span.visible:
-                span.update(location=loc, visible=True)
-
-
-def _markers(fig, dims: tuple[str, ...]) -> list[Span]:
-    spans = []
-    for dim in dims:
-        span = Span(
-            location=0,
-            dimension=dim,
-            line_color=SELECT_COLOR,
-            line_width=2,
-            line_alpha=0.9,
-            visible=False,
-        )
-        fig.add_layout(span)
-        spans.append(span)
-    return spans
 
 
 # CKA ------------------------------------------------------------------------------------------
@@ -242,30 +194,6 @@ def attention_diff_plot(
 def update_attention_diff(plot: Plot, att: AttentionStats | None) -> None:
     diff = None if att is None else np.asarray(att.quant_entropy) - np.asarray(att.ref_entropy)
     _update_diff(plot, diff, "layer", "head")
-
-
-# stale marks ------------------------------------------------------------------------------
-STALE_COLOR = "#b26a00"
-
-
-def mark_stale(plot: Plot, note: str = "") -> None:
-    """Show ``note`` (e.g. "stale: showing 4-bit, asked 2-bit") above the view and dim it;
-    an empty note clears the mark. In place: one Title model made on first use, then toggled."""
-    badge = plot.extra.get("stale")
-    if badge is None:
-        if not note:
-            return
-        badge = Title(text=note, text_color=STALE_COLOR, text_font_size="9pt", visible=False)
-        kids = getattr(plot.root, "children", None)  # a column of figures: the top one
-        fig = kids[0] if kids else plot.root
-        fig.add_layout(badge, "above")
-        plot.extra["stale"] = badge
-    if badge.text != note or badge.visible != bool(note):
-        badge.update(text=note or badge.text, visible=bool(note))
-    # BokehJS keeps a style that is removed, so clearing sets full opacity explicitly
-    styles = {"opacity": "0.45" if note else "1"}
-    if dict(plot.root.styles or {}) != styles:
-        plot.root.styles = styles
 
 
 # logit lens -----------------------------------------------------------------------------------
@@ -446,157 +374,3 @@ def update_ffn(plot: Plot, ffn: FFNStats | None) -> None:
     _set_range(plot.root.x_range, -0.5, n - 0.5)
     top = max(0.4, float(np.max(data["flip"])) * 1.1) if len(data["flip"]) else 0.5
     _set_range(plot.root.y_range, 0.0, round(top, 3))
-
-
-# causal tracing -------------------------------------------------------------------------------
-def patch_data(grid: PatchGrid | None) -> dict:
-    """Cells of the [L, T] grid: position (x), layer (y), recovery (prob when undefined)."""
-    if grid is None:
-        return {k: [] for k in ("pos", "layer", "value", "prob", "token")}
-    prob = np.asarray(grid.prob, dtype=float)
-    value = np.asarray(grid.recovery, dtype=float) if grid.recovery is not None else prob
-    layer, pos = np.indices(prob.shape)
-    return {
-        "pos": pos.ravel(),
-        "layer": layer.ravel(),
-        "value": value.ravel(),
-        "prob": prob.ravel(),
-        "token": [html.escape(repr(grid.tokens[t])) for t in pos.ravel()],
-    }
-
-
-def patch_plot(grid: PatchGrid | None = None, height: int = 300, width: int = 460) -> Plot:
-    """Causal-tracing recovery, token position (x) by decoder layer (y)."""
-    fig = _heatmap_figure("Causal tracing: recovery", "token", "decoder layer", height, width)
-    src = ColumnDataSource(patch_data(None), name="qviz_patch")
-    mapper = LinearColorMapper(
-        palette=Viridis256, low=0.0, high=1.0, low_color="#2b2b2b", high_color="#fde725"
-    )
-    fig.rect(
-        "pos", "layer", 1, 1, source=src, fill_color={"field": "value", "transform": mapper},
-        line_color=None,
-    )  # fmt: skip
-    fig.add_layout(ColorBar(color_mapper=mapper, width=10), "right")
-    fig.add_tools(
-        HoverTool(
-            tooltips=[
-                ("layer", "@layer"),
-                ("token", "@token (@pos)"),
-                ("value", "@value{0.000}"),
-                ("p(target)", "@prob{0.0000}"),
-            ]
-        )
-    )
-    fig.xaxis.major_label_orientation = 0.8
-    plot = Plot(fig, {"patch": src}, _markers(fig, ("width",)), {"mapper": mapper})
-    update_patch(plot, grid)
-    return plot
-
-
-def patch_title(grid: PatchGrid | None) -> str:
-    """The heatmap's title: what the colour means for ``grid``."""
-    if grid is None:
-        return "Causal tracing: not run yet"
-    what = "recovery" if grid.defined else "p(target), recovery undefined"
-    win = f", window {grid.window}" if grid.window != 1 else ""
-    return (
-        f"Causal tracing {grid.component} ({grid.direction}{win}): {what} of {grid.target!r}, "
-        f"{grid.plan_label}"
-    )
-
-
-def update_patch(plot: Plot, grid: PatchGrid | None) -> None:
-    plot.sources["patch"].data = patch_data(grid)
-    fig = plot.root
-    n_l, n_t = (1, 1) if grid is None else np.asarray(grid.prob).shape
-    _set_range(fig.x_range, -0.5, n_t - 0.5)
-    _set_range(fig.y_range, -0.5, n_l - 0.5)
-    labels = {} if grid is None else {i: str(t) for i, t in enumerate(grid.tokens)}
-    fig.xaxis.ticker = list(range(n_t)) if grid is not None else []
-    fig.xaxis.major_label_overrides = labels
-    fig.title.text = patch_title(grid)
-    if grid is not None and not grid.defined:
-        hi = float(np.max(grid.prob)) if np.size(grid.prob) else 1.0
-        plot.extra["mapper"].update(low=0.0, high=max(hi, 1e-6))
-    else:
-        plot.extra["mapper"].update(low=0.0, high=1.0)
-
-
-# memory / accuracy ----------------------------------------------------------------------------
-def pareto_data(rows: list[dict] | None) -> dict:
-    """rows: dicts with bits, mib, effective_bits, accuracy (NaN = not measured yet)."""
-    rows = rows or []
-    acc = np.array([r.get("accuracy", np.nan) for r in rows], dtype=float)
-    return {
-        "bits": np.array([r["bits"] for r in rows], dtype=float),
-        "mib": np.array([r["mib"] for r in rows], dtype=float),
-        "eff": np.array([r["effective_bits"] for r in rows], dtype=float),
-        "accuracy": acc,
-        "acc_y": np.nan_to_num(acc, nan=0.0),
-        "label": [str(r.get("label", r["bits"])) for r in rows],
-        "size": [14 if np.isfinite(a) else 9 for a in acc],
-        "fill": [QUANT_COLOR if np.isfinite(a) else "white" for a in acc],
-    }
-
-
-def pareto_plot(rows: list[dict] | None = None, height: int = 260, width: int = 460) -> Plot:
-    """Weight memory (x, MiB) vs fact-recall accuracy (y), one point per bit-width."""
-    fig = figure(
-        title="Memory vs accuracy", x_range=Range1d(0, 1), y_range=Range1d(-0.05, 1.05),
-        height=height, width=width, tools=TOOLS, toolbar_location="above",
-    )  # fmt: skip
-    src = ColumnDataSource(pareto_data(None), name="qviz_pareto")
-    fig.line("mib", "acc_y", source=src, color="#999999")
-    fig.scatter("mib", "acc_y", source=src, size="size", fill_color="fill", line_color="black")
-    fig.text(
-        "mib", "acc_y", text="label", source=src, x_offset=6, y_offset=-6, text_font_size="8pt"
-    )
-    cur = ColumnDataSource({"mib": [], "acc_y": []}, name="qviz_pareto_current")
-    fig.scatter(
-        "mib", "acc_y", source=cur, size=20, fill_alpha=0, line_color=SELECT_COLOR, line_width=3
-    )
-    fig.xaxis.axis_label = "weight memory (MiB)"
-    fig.yaxis.axis_label = "fact-recall accuracy"
-    fig.add_tools(
-        HoverTool(
-            tooltips=[
-                ("bits", "@label"),
-                ("memory", "@mib{0.0} MiB (@eff{0.00} bits/weight)"),
-                ("accuracy", "@accuracy{0.0%}"),
-            ]
-        )
-    )
-    plot = Plot(fig, {"pareto": src, "current": cur})
-    update_pareto(plot, rows)
-    return plot
-
-
-def update_pareto(plot: Plot, rows: list[dict] | None, current_bits: int | None = None) -> None:
-    """Replace the points; ring the point of ``current_bits``; hollow = accuracy not measured."""
-    data = pareto_data(rows)
-    plot.sources["pareto"].data = data
-    measured = bool(np.isfinite(data["accuracy"]).any())
-    text = "Memory vs accuracy" + ("" if measured or not len(data["mib"]) else " (not measured)")
-    if plot.root.title.text != text:
-        plot.root.title.text = text
-    if len(data["mib"]):
-        lo, hi = float(np.min(data["mib"])), float(np.max(data["mib"]))
-        pad = max((hi - lo) * 0.1, 1.0)
-        _set_range(plot.root.x_range, lo - pad, hi + pad * 2)
-    idx = [i for i, b in enumerate(data["bits"]) if current_bits is not None and b == current_bits]
-    plot.sources["current"].data = {
-        "mib": [data["mib"][i] for i in idx],
-        "acc_y": [data["acc_y"][i] for i in idx],
-    }
-
-
-def layer_from_tap(plot_kind: str, x: float | None, y: float | None) -> int | None:
-    """The decoder layer a click at data coordinates (x, y) selects in view ``plot_kind``."""
-    if plot_kind in ("cka", "lens"):
-        v = x if x is not None else y
-        return None if v is None else max(int(round(v)) - 1, 0)
-    if plot_kind in ("attention", "ffn"):
-        return None if x is None else max(int(round(x)), 0)
-    if plot_kind == "patch":
-        return None if y is None else max(int(round(y)), 0)
-    return None
