@@ -27,10 +27,15 @@ pytestmark = pytest.mark.model
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK = ROOT / "notebooks" / "dashboard.ipynb"
 # share/jupyter/voila/templates/qviz-offline: Voila's "lab" template without its Font Awesome
-# CDN links (Voila's bundle holds the font) and without the pyviz lab extension (the
-# dashboard is a jupyter_bokeh widget under Voila; that extension needs JupyterLab's document
-# manager, which Voila lacks: "Shared module @jupyterlab/docmanager doesn't exist").
+# CDN links (Voila's bundle holds the font). The pyviz lab extension is left out: under Voila
+# the dashboard is a jupyter_bokeh widget, and that extension needs JupyterLab's document
+# manager, which Voila lacks ("Shared module @jupyterlab/docmanager doesn't exist"). Voila 0.5
+# reads a template's conf.json only after its settings are made, so that goes on the command line.
 TEMPLATES = ROOT / "share" / "jupyter"
+VOILA_ARGS = [
+    "--template=qviz-offline",
+    '--VoilaConfiguration.extension_denylist=["@pyviz/jupyterlab_pyviz"]',
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +48,7 @@ def voila_url():
     env.setdefault("HF_HUB_OFFLINE", "1")
     log = tempfile.TemporaryFile()
     cmd = [sys.executable, "-m", "voila", str(NOTEBOOK), f"--port={port}", "--no-browser"]
-    cmd += ["--Voila.ip=127.0.0.1", "--template=qviz-offline"]
+    cmd += ["--Voila.ip=127.0.0.1", *VOILA_ARGS]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 120
