@@ -12,12 +12,17 @@ $(VENV)/.base:
 	$(PY) -m pip install -q $(TORCH)
 	touch $@
 
-$(VENV)/.installed: $(VENV)/.base pyproject.toml
+# An editable install skips pyproject's data-files: copy the Voila template (no CDN) ourselves.
+VOILA_TEMPLATE := share/jupyter/voila/templates/qviz-offline
+
+$(VENV)/.installed: $(VENV)/.base pyproject.toml $(VOILA_TEMPLATE)/*
 	$(PY) -m pip install -q $(TORCH) -e .
+	mkdir -p $(VENV)/$(VOILA_TEMPLATE) && cp $(VOILA_TEMPLATE)/* $(VENV)/$(VOILA_TEMPLATE)/
 	touch $@
 
-$(VENV)/.dev: $(VENV)/.base pyproject.toml
+$(VENV)/.dev: $(VENV)/.base pyproject.toml $(VOILA_TEMPLATE)/*
 	$(PY) -m pip install -q $(TORCH) -e '.[dev]'
+	mkdir -p $(VENV)/$(VOILA_TEMPLATE) && cp $(VOILA_TEMPLATE)/* $(VENV)/$(VOILA_TEMPLATE)/
 	touch $@ $(VENV)/.installed
 
 demo: $(VENV)/.installed

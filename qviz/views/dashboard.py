@@ -26,17 +26,34 @@ from qviz.views.state import GROUP_SIZES, DashboardState, method_names
 
 
 def in_voila() -> bool:
-    """True in a Voila kernel (its env vars), where Panel must use ipywidgets comms."""
+    """True in a Voila kernel (its env vars)."""
     return bool(os.environ.get("VOILA_KERNEL_ID")) or os.environ.get(
         "SERVER_SOFTWARE", ""
     ).startswith("voila")
 
 
+def _panel_picks_comms() -> bool:
+    """Colab and VS Code: Panel detects these front ends and sets their comms itself."""
+    import sys
+
+    return "google.colab" in sys.modules or any(
+        k in os.environ for k in ("VSCODE_PID", "VSCODE_CWD")
+    )
+
+
 def extension(**kw) -> None:
-    """``pn.extension`` set up for offline use: inline resources; ipywidgets comms in Voila."""
-    if in_voila():
-        pn.extension(comms="ipywidgets", inline=True, **kw)
-    elif is_notebook_comm():
+    """``pn.extension`` set up for offline use: inline resources; ipywidgets comms in Jupyter.
+
+    In any Jupyter kernel (JupyterLab, Notebook 7, Voila) the dashboard travels as one
+    jupyter_bokeh widget. Panel's default notebook comm opens only once the kernel has
+    answered the page's comm request, which it cannot do while later cells run ("run all");
+    an update pushed from a worker thread before then is queued on that thread's event loop,
+    which never runs, and is lost (empty figures, a status stuck at "computing ..."). A widget
+    comm is open from the start and its messages are sent from any thread.
+    """
+    if is_notebook_comm():
+        if not _panel_picks_comms():
+            kw.setdefault("comms", "ipywidgets")
         pn.extension(inline=True, **kw)
     else:
         pn.extension(**kw)
