@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from bokeh.models import ColumnDataSource, Model, Range1d, Span, Title
 from bokeh.plotting import figure
 
-SEVERE_FLIP = 0.30  # the study's "severe" gate sign flip rate (qviz.metrics.verdict)
+from qviz.metrics.verdict import SEVERE_FLIP  # noqa: F401 (the rule's threshold, drawn)
+
 SELECT_COLOR = "#e4572e"
 REF_COLOR = "#4c72b0"
 QUANT_COLOR = "#dd8452"

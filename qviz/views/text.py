@@ -10,22 +10,13 @@ import math
 
 import numpy as np
 
+from qviz.metrics.verdict import EVIDENCE_LABELS
 from qviz.results import Comparison, Verdict
 
 # human labels of verdict evidence and table columns (fallback: snake_case -> words)
 LABELS = {
-    "cka_diag_mean": "CKA diagonal (mean)",
-    "ref_rank": "answer rank, full precision",
-    "quant_rank": "answer rank, quantized",
-    "max_flip_rate": "max FFN gate sign flips",
-    "mid_attn_entropy": "attention entropy, middle layers",
-    "sign_cka_dark": "sign: CKA goes dark",
-    "sign_rank_thousands": "sign: rank in the thousands",
-    "sign_severe_flips": "sign: severe gate flips",
-    "sign_entropy_high": "sign: attention entropy high",
-    "isolation_min_cosine": "isolation: lowest layer cosine",
-    "isolation_broken_layers": "isolation: broken layers",
-    "isolation_first_broken": "isolation: first broken layer",
+    **EVIDENCE_LABELS,  # the verdict rule's own words for its evidence
+    "isolation_first_broken": "first broken layer",
     "effective_bits": "bits per weight",
     "mib": "weight memory (MiB)",
 }
@@ -61,34 +52,42 @@ MODE_COLORS = {
     "healthy": "#2e7d32",
     "signal degradation": "#ef6c00",
     "computation collapse": "#c62828",
+    "target not predicted": "#616161",
 }
 
 
 def verdict_html(verdict: Verdict | None, plan_label: str = "", layer_line: str = "") -> str:
-    """The verdict card's HTML: the mode in a coloured badge and its evidence as a table."""
+    """The verdict card's HTML: the mode in a coloured badge, the rule's own sentence (or its
+    warning when the reference misses the target) and a table of its signs: human label,
+    measured value, threshold, seen or not (``qviz.metrics.verdict``)."""
     if verdict is None:
         return (
             '<div class="qviz-verdict"><span class="qviz-verdict-mode">no result yet</span></div>'
         )
     color = MODE_COLORS.get(verdict.mode, "#555555")
     rows = []
-    for k, v in verdict.evidence.items():
-        if isinstance(v, (bool, np.bool_)):
-            val = "yes" if v else "no"
-        elif isinstance(v, float):
-            val = f"{v:.3f}"
-        else:
-            val = html.escape(str(v))
-        rows.append(f"<tr><td>{html.escape(k)}</td><td>{val}</td></tr>")
+    for sign in verdict.signs:
+        value = sign["value"]
+        shown = fmt(value, "max_flip_rate" if sign["name"] == "severe_flips" else "")
+        mark = "&#10007; seen" if sign["seen"] else "&#10003; no"
+        weight = "bold" if sign["seen"] else "normal"
+        rows.append(
+            f'<tr style="font-weight:{weight}" data-sign="{html.escape(sign["name"])}">'
+            f"<td>{html.escape(sign['label'])}</td><td>{html.escape(shown)}</td>"
+            f"<td>{html.escape(str(sign['threshold']))}</td><td>{mark}</td></tr>"
+        )
+    head = "<tr><th>sign</th><th>measured</th><th>threshold</th><th></th></tr>"
+    words = verdict.warning or verdict.sentence
     plan = f'<div class="qviz-plan">plan: {html.escape(plan_label)}</div>' if plan_label else ""
     extra = f'<div class="qviz-layer">{html.escape(layer_line)}</div>' if layer_line else ""
     return (
         f'<div class="qviz-verdict" data-mode="{html.escape(verdict.mode)}">'
         f'<span class="qviz-verdict-mode" style="background:{color};color:white;'
         f'padding:4px 10px;border-radius:4px;font-weight:bold;font-size:1.2em">'
-        f"{html.escape(verdict.mode)}</span>{plan}{extra}"
+        f"{html.escape(verdict.mode)}</span>{plan}"
+        f'<p class="qviz-sentence" style="margin:6px 0">{html.escape(words)}</p>{extra}'
         f'<table class="qviz-evidence" style="margin-top:6px;font-size:0.9em">'
-        f"{''.join(rows)}</table></div>"
+        f"{head}{''.join(rows)}</table></div>"
     )
 
 

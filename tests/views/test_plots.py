@@ -159,7 +159,9 @@ def test_verdict_html_escapes_and_shows_evidence():
     cmp = make_comparison(mode="computation collapse")
     text = plots.verdict_html(cmp.verdict, "<plan>", plots.layer_summary(cmp, 1))
     assert "computation collapse" in text and "&lt;plan&gt;" in text
-    assert "sign_cka_dark" in text and "yes" in text and "layer 1:" in text
+    assert "sign_cka_dark" not in text and "CKA goes dark" in text and "layer 1:" in text
+    assert cmp.verdict.sentence.split(":")[0] in text  # the rule's own sentence, not keys
+    assert "threshold" in text and "seen" in text
     assert "no result" in plots.verdict_html(None)
 
 
