@@ -175,7 +175,15 @@ def bench_ui(model_name: str = "smollm2-135m", moves: int = 20) -> None:
     """In chromium: slider move (key press) -> new CKA data in the page, for cached plans."""
     from playwright.sync_api import sync_playwright
 
-    from qviz.app import CHROMIUM_ARGS, JS_CKA_FINGERPRINT, ServerProcess, find_chromium
+    from qviz.report import CHROMIUM_ARGS, find_chromium
+
+    try:  # the browser harness lives with the tests (a source checkout), not in the package
+        from tests.views.browser import JS_CKA_FINGERPRINT, ServerProcess
+    except ImportError as err:
+        raise SystemExit(
+            "qviz bench ui drives the served app with the test suite's browser harness: run it "
+            "from a source checkout of qviz (the folder holding tests/)"
+        ) from err
 
     exe = find_chromium()
     if exe is None:

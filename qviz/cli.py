@@ -11,11 +11,17 @@ DEFAULT_PROMPT = "The capital of France is"
 
 def _bits(text: str) -> list[int]:
     try:
-        return [int(b) for b in text.split(",") if b.strip()]
+        bits = [int(b) for b in text.split(",") if b.strip()]
     except ValueError as err:
         raise argparse.ArgumentTypeError(
             f"--bits takes a comma list of ints like 2,3,4,8, got {text!r}"
         ) from err
+    bad = [b for b in bits if not 2 <= b <= 8]
+    if bad or not bits:
+        raise argparse.ArgumentTypeError(
+            f"--bits takes bit-widths in 2..8 like 2,3,4,8, got {bad or text!r} in {text!r}"
+        )
+    return bits
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
