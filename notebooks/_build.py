@@ -129,7 +129,8 @@ QUICKSTART = [
 
         The same diagnostics, live: move the bit slider, type another prompt, click a layer in
         any view to select it everywhere. `extension()` loads Panel with its JavaScript inline
-        (works offline; under Voila it also switches to ipywidgets comms).""",
+        (works offline) and, in any Jupyter kernel (JupyterLab, Notebook, Voila), sends the
+        dashboard as one ipywidget, so it keeps updating while later cells run.""",
     ),
     (
         "code",
