@@ -233,12 +233,71 @@ def bench_ui(model_name: str = "smollm2-135m", moves: int = 20) -> None:
     )
 
 
+_MEMORY_CHILD = """
+import json, sys, torch
+from qviz import Lab, QuantConfig, QuantPlan
+from qviz.data import load_text
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+n, name = int(sys.argv[1]), sys.argv[2]
+lab = Lab.load(name, device="cpu")
+lab.max_prompt_tokens = 4 * n
+ids = lab.tokenizer(load_text(), add_special_tokens=False).input_ids[:n]
+prompt = lab.tokenizer.decode(ids)
+model_bytes = sum(p.numel() * p.element_size() for p in lab.model.parameters())
+plan = QuantPlan.uniform(QuantConfig(bits=4, group_size=128))
+lab.engine.materialize(plan)  # the plan's weights: the engine's cache, not compare's
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak (VmHWM) to the current resident set
+base = status("VmRSS")
+cmp = lab.compare(prompt, " the", plan)
+peak = status("VmHWM")
+print(json.dumps({"tokens": int(lab.encode(prompt).shape[1]), "model": model_bytes,
+                  "base": base, "peak": peak}))
+"""
+
+
+def bench_memory(model_name: str = "smollm2-135m") -> None:
+    """Peak resident memory of ``Lab.compare`` at 64, 256 and 1,024 prompt tokens (each in a
+    fresh process), next to the model's own size; target: at most 1 GB above the model's process
+    at 1,024 tokens. The plan's quantized weights are materialized before the peak is reset."""
+    import json
+    import subprocess
+    import sys
+
+    print(f"qviz bench memory: {model_name}, Lab.compare (4-bit g128 rtn, with isolation)")
+    for n in (64, 256, 1024):
+        out = (
+            subprocess.run(
+                [sys.executable, "-c", _MEMORY_CHILD, str(n), model_name],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
+        r = json.loads(out)
+        gib = 1 << 30
+        above = (r["peak"] - r["base"]) / gib
+        print(
+            f"  {r['tokens']:5d} tokens: peak RSS {r['peak'] / gib:.2f} GiB, before compare "
+            f"{r['base'] / gib:.2f} GiB (model {r['model'] / gib:.2f} GiB + its plan + runtime): "
+            f"compare adds {above:.2f} GiB | target <= 1 GiB at 1,024 tokens | "
+            f"ratio to target {above:.2f}x"
+        )
+
+
 BENCHES = {
     "quant": bench_quant,
     "compare": bench_compare,
     "gptq": bench_gptq,
     "trace": bench_trace,
     "ui": bench_ui,
+    "memory": bench_memory,
 }
 
 

@@ -9,7 +9,6 @@ import torch
 
 from qviz import Lab, QuantConfig, QuantPlan, metrics
 from qviz.data import load_facts
-from qviz.metrics.tracing import peak_layer
 from tests.conftest import CharTokenizer, tiny_gpt2, tiny_llama
 
 FRANCE = "The capital of France is"
@@ -65,15 +64,6 @@ def test_evaluate_batched_equals_per_prompt_tiny(tiny_lab):
         np.testing.assert_array_equal(ranks2, ranks)
 
 
-def test_peak_layer_rule():
-    probs = np.array([[0.0, 0.1, 0.5, 0.2, 0.9], [0.0, 0.1, 0.3, 0.4, 0.8]])  # [N, L+1], L = 4
-    assert peak_layer(probs) == 1  # state 2 = output of decoder layer 1; the last layer excluded
-    assert peak_layer(probs, exclude_last=False) == 3
-    assert peak_layer(probs[0]) == 1
-    with pytest.raises(ValueError, match="lens_prob"):
-        peak_layer(np.zeros((0, 5)))
-
-
 def test_verdict_keeps_its_positional_signature():
     args = (np.ones(5), 1, 1, np.zeros(4), 0.5)
     mode, ev = metrics.verdict(*args)
@@ -121,12 +111,6 @@ def test_isolation_tiny_full_precision_is_exact(tiny_lab):
 
 
 # the embedded model --------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def lab(embedded):
-    model, tok = embedded
-    return Lab(model, tok, name="smollm2-135m")
-
-
 @pytest.mark.model
 def test_evaluate_batched_equals_per_prompt_embedded(lab):
     facts = load_facts()[::40]

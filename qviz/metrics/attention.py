@@ -25,8 +25,8 @@ def _queries(probs: Tensor, dtype: torch.dtype = torch.float32) -> tuple[Tensor,
     keep = n_keys >= 2
     if not keep.any():
         raise ValueError("no query attends to more than one key (need a sequence of length >= 2)")
-    p = probs.detach()
-    return (p if keep.all() else p[..., keep, :]).to(dtype), n_keys[keep]
+    first = int(keep.nonzero()[0])  # key counts grow with q: the kept queries are a suffix
+    return probs.detach()[..., first:, :].to(dtype), n_keys[first:]
 
 
 def normalized_entropy(probs: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:

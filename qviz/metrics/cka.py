@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["cka_matrix"]
+__all__ = ["cka_matrix", "cka_with_reference"]
 
 Estimator = Literal["biased", "unbiased"]
 
@@ -42,6 +42,69 @@ def _grams(x: list[Tensor] | Tensor) -> tuple[Tensor, Tensor]:
     moment = (x * x).sum(dim=2).mean(dim=1)
     x = x - x.mean(dim=1, keepdim=True)  # linear kernel: (HX)(HX)^T = H K H
     return x @ x.transpose(1, 2), moment
+
+
+def _centered(x: Tensor) -> tuple[Tensor, Tensor]:
+    """[L, N, D] -> (feature-centered float64 [L, N, D], raw second moment [L])."""
+    if x.dim() == 2:
+        x = x.unsqueeze(0)
+    if x.dim() != 3:
+        raise ValueError(f"expected activations [L, N, D], got shape {tuple(x.shape)}")
+    x = x.detach().to(torch.float64)
+    moment = (x * x).sum(dim=2).mean(dim=1)
+    return x - x.mean(dim=1, keepdim=True), moment
+
+
+def _biased_blocked(
+    xc: Tensor, yc: Tensor, block: int, with_reference: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Biased HSIC of every pair, the Gram matrices built ``block`` rows at a time:
+    (cross [La, Lb], self x [La], self y [Lb], x-vs-x [La, La] or None), memory O(L block N)
+    instead of O(L N^2)."""
+    n = xc.shape[1]
+    cross = xc.new_zeros(xc.shape[0], yc.shape[0])
+    ref = xc.new_zeros(xc.shape[0], xc.shape[0]) if with_reference else None
+    sx, sy = xc.new_zeros(xc.shape[0]), xc.new_zeros(yc.shape[0])
+    for r0 in range(0, n, block):
+        kx = xc[:, r0 : r0 + block] @ xc.transpose(1, 2)  # rows r0.. of each Gram [La, b, N]
+        ky = yc[:, r0 : r0 + block] @ yc.transpose(1, 2)
+        cross += torch.einsum("anm,bnm->ab", kx, ky)
+        if ref is not None:
+            ref += torch.einsum("anm,bnm->ab", kx, kx)
+        sx += (kx * kx).sum(dim=(1, 2))
+        sy += (ky * ky).sum(dim=(1, 2))
+    d = (n - 1) ** 2
+    return cross / d, sx / d, sy / d, None if ref is None else ref / d
+
+
+def _normalize(cross: Tensor, sx, sy, mx, my, warn: bool = True) -> Tensor:
+    bad_x, bad_y = _degenerate(sx, mx), _degenerate(sy, my)
+    if warn and (bad_x.any() or bad_y.any()):
+        warnings.warn(
+            f"zero-variance activations (ref layers {bad_x.nonzero().flatten().tolist()}, "
+            f"quant layers {bad_y.nonzero().flatten().tolist()}): their CKA is set to 0",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    denom = torch.sqrt(torch.outer(sx.clamp_min(0), sy.clamp_min(0)))
+    bad = bad_x[:, None] | bad_y[None, :]
+    return torch.where(bad, torch.zeros_like(cross), cross / torch.where(bad, 1.0, denom))
+
+
+def cka_with_reference(ref: Tensor, quant: Tensor, block: int = 128) -> tuple[Tensor, Tensor]:
+    """Biased linear CKA of ``ref`` [La, N, D1] against ``quant`` [Lb, N, D2] and of ``ref``
+    against itself, in one pass over row blocks of the Gram matrices (memory O(L block N)).
+
+    Returns (float64 [La, Lb], float64 [La, La]); equal to ``cka_matrix(ref, quant)`` and
+    ``cka_matrix(ref, ref)`` up to float64 round-off.
+    """
+    (xc, mx), (yc, my) = _centered(ref), _centered(quant)
+    if xc.shape[1] != yc.shape[1]:
+        raise ValueError(f"ref has {xc.shape[1]} samples but quant has {yc.shape[1]}")
+    if xc.shape[1] < 2:
+        raise ValueError(f"CKA needs n >= 2 samples, got n={xc.shape[1]}")
+    cross, sx, sy, rr = _biased_blocked(xc, yc.to(xc.device), block, with_reference=True)
+    return _normalize(cross, sx, sy, mx, my), _normalize(rr, sx, sx, mx, mx, warn=False)
 
 
 def _hsic_biased(k: Tensor, m: Tensor) -> Tensor:
@@ -91,10 +154,19 @@ def cka_matrix(
 
     ref: [La, N, D1] (or a list of La tensors [N, D_l]); quant: [Lb, N, D2], same N samples.
     Returns float64 [La, Lb] (typically [L+1, L+1]). Layers with zero variance get CKA 0 and a
-    RuntimeWarning. The unbiased estimator needs N >= 4.
+    RuntimeWarning. The unbiased estimator needs N >= 4. The biased one on tensors builds
+    the Gram matrices 128 rows at a time (memory O(L 128 N), not O(L N^2)).
     """
     if estimator not in ("biased", "unbiased"):
         raise ValueError(f"estimator must be 'biased' or 'unbiased', got {estimator!r}")
+    if estimator == "biased" and isinstance(ref, Tensor) and isinstance(quant, Tensor):
+        (xc, mx), (yc, my) = _centered(ref), _centered(quant)
+        if xc.shape[1] != yc.shape[1]:
+            raise ValueError(f"ref has {xc.shape[1]} samples but quant has {yc.shape[1]}")
+        if xc.shape[1] < 2:
+            raise ValueError(f"CKA needs n >= 2 samples, got n={xc.shape[1]}")
+        cross, sx, sy, _ = _biased_blocked(xc, yc.to(xc.device), 128, with_reference=False)
+        return _normalize(cross, sx, sy, mx, my)
     (kx, mx), (ky, my) = _grams(ref), _grams(quant)
     if kx.shape[1] != ky.shape[1]:
         raise ValueError(f"ref has {kx.shape[1]} samples but quant has {ky.shape[1]}")
@@ -107,14 +179,4 @@ def cka_matrix(
     hsic = _hsic_biased if estimator == "biased" else _hsic_unbiased
     cross = hsic(kx, ky)  # [La, Lb], one einsum over all pairs
     sx, sy = _self_hsic(kx, estimator), _self_hsic(ky, estimator)
-    bad_x, bad_y = _degenerate(sx, mx), _degenerate(sy, my)
-    if bad_x.any() or bad_y.any():
-        warnings.warn(
-            f"zero-variance activations (ref layers {bad_x.nonzero().flatten().tolist()}, "
-            f"quant layers {bad_y.nonzero().flatten().tolist()}): their CKA is set to 0",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    denom = torch.sqrt(torch.outer(sx.clamp_min(0), sy.clamp_min(0)))
-    bad = bad_x[:, None] | bad_y[None, :]
-    return torch.where(bad, torch.zeros_like(cross), cross / torch.where(bad, 1.0, denom))
+    return _normalize(cross, sx, sy, mx, my)

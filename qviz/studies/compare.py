@@ -10,6 +10,7 @@ import torch
 
 from qviz import metrics
 from qviz.data import load_facts
+from qviz.metrics.cka import cka_with_reference
 from qviz.probes.capture import AttentionReference, Capture, attention_params, capture
 from qviz.quant.config import QuantPlan
 from qviz.results import (
@@ -108,6 +109,11 @@ def context_resid(lab: Lab, plan: QuantPlan, prompts: list[str]) -> torch.Tensor
     return hit.resid
 
 
+def per_layer(metric, ref: torch.Tensor, quant: torch.Tensor) -> np.ndarray:
+    """``metric`` [L] of [L, N, F] pairs, one layer at a time (bounded float64 temporaries)."""
+    return torch.cat([metric(ref[i : i + 1], quant[i : i + 1]) for i in range(len(ref))]).numpy()
+
+
 def compare(
     lab: Lab,
     prompt: str | Sequence[str],
@@ -127,12 +133,14 @@ def compare(
     if isinstance(cka_context, bool) or not isinstance(cka_context, int) or cka_context < 0:
         raise ValueError(f"cka_context must be an int >= 0, got cka_context={cka_context!r}")
     tid = lab.target_id(target)
+    n = lab.n_layers
     ref = [activations(lab, p, QuantPlan.none()) for p in prompts]
     qnt = [activations(lab, p, plan) for p in prompts]
     s = 1 if drop_first else 0
 
-    def pool(caps, field, start=s):
-        return torch.cat([getattr(c, field)[:, start:] for c in caps], dim=1)
+    def pool(caps, field, start=s):  # one prompt: a view, no copy
+        parts = [getattr(c, field)[:, start:] for c in caps]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     ref_res, q_res = pool(ref, "resid"), pool(qnt, "resid")
     if cka_context:
@@ -141,11 +149,16 @@ def compare(
         cka_q = torch.cat([pool(qnt, "resid", 1), context_resid(lab, plan, ctx)], 1)
     else:
         cka_r, cka_q = ref_res, q_res
+    if cka_estimator == "biased":  # one pass, Gram rows in blocks
+        values, self_map = cka_with_reference(cka_r, cka_q)
+    else:
+        values = metrics.cka_matrix(cka_r, cka_q, estimator=cka_estimator)
+        self_map = metrics.cka_matrix(cka_r, cka_r, estimator=cka_estimator)
     cka = LayerMap(
-        metrics.cka_matrix(cka_r, cka_q, estimator=cka_estimator).numpy(),
+        values.numpy(),
         n_samples=cka_r.shape[1],
         estimator=cka_estimator,
-        reference=metrics.cka_matrix(cka_r, cka_r, estimator=cka_estimator).numpy(),
+        reference=self_map.numpy(),
         n_prompts=len(prompts) + cka_context,
         drop_first=bool(drop_first or cka_context),
     )
@@ -158,13 +171,12 @@ def compare(
     attention = AttentionStats(ent_r, ent_q, js)
     rg, qg = pool(ref, "gate"), pool(qnt, "gate")
     ffn = FFNStats(
-        metrics.sign_flip_rate(rg, qg).numpy(),
-        metrics.topk_jaccard(rg, qg).numpy(),
-        metrics.output_cosine(pool(ref, "mlp_out"), pool(qnt, "mlp_out")).numpy(),
+        per_layer(metrics.sign_flip_rate, rg, qg),
+        per_layer(metrics.topk_jaccard, rg, qg),
+        per_layer(metrics.output_cosine, pool(ref, "mlp_out"), pool(qnt, "mlp_out")),
     )
-    cos, rel = metrics.residual_drift(ref_res, q_res)
-    residual = ResidualStats(cos.numpy(), rel.numpy())
-    n = lab.n_layers
+    drift = [metrics.residual_drift(ref_res[i : i + 1], q_res[i : i + 1]) for i in range(n + 1)]
+    residual = ResidualStats(*(torch.cat(x).numpy() for x in zip(*drift, strict=True)))
     mid = slice(n // 3, max(n // 3 + 1, 2 * n // 3))
     iso = isolate(lab, prompts[0], plan) if isolation else None
     verdict = Verdict(

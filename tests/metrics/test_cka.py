@@ -110,3 +110,22 @@ def test_bad_inputs():
         cka_matrix(torch.randn(1, 8, 2), torch.randn(1, 8, 2), estimator="other")
     with pytest.raises(ValueError, match="samples"):
         cka_matrix(torch.randn(1, 8, 2), torch.randn(1, 9, 2))
+
+
+def test_blocked_grams_and_reference_map_match_numpy():
+    """More samples than one row block (128): the blocked biased path against numpy loops."""
+    from qviz.metrics import cka as cka_mod
+
+    gen = torch.Generator().manual_seed(3)
+    ref = torch.randn(3, 300, 6, generator=gen)
+    quant = ref + 0.8 * torch.randn(3, 300, 6, generator=gen)
+    got, self_map = cka_mod.cka_with_reference(ref, quant)
+    want = np.array(
+        [[np_cka(r.double().numpy(), q.double().numpy(), "biased") for q in quant] for r in ref]
+    )
+    want_ref = np.array(
+        [[np_cka(r.double().numpy(), s.double().numpy(), "biased") for s in ref] for r in ref]
+    )
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-10, rtol=0)
+    np.testing.assert_allclose(self_map.numpy(), want_ref, atol=1e-10, rtol=0)
+    np.testing.assert_allclose(cka_matrix(ref, quant).numpy(), want, atol=1e-10, rtol=0)
