@@ -187,6 +187,10 @@ def compare(
             ffn.flip_rate,
             float(ent_q[mid].mean()),
             isolation_delta_cosine=None if iso is None else iso.delta_cosine,
+            p_reference=float(lens.reference.prob[-1]),
+            p_quantized=float(lens.quantized.prob[-1]),
+            target=lens.target,
+            reference_entropy_mid=float(ent_r[mid].mean()),
         )
     )
     return Comparison(
