@@ -14,12 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qviz.app import JS_CKA_FINGERPRINT, free_port
 from tests.views.browser import (
+    JS_CKA_FINGERPRINT,
     TIMEOUT_MS,
     PageRecorder,
     chromium_or_skip,
     cka_fingerprint,
+    free_port,
     launch,
     press_slider,
     wait_cka_change,
