@@ -257,7 +257,7 @@ def bench_methods(model_name: str = "smollm2-135m") -> None:
         try:
             for plan in plans:
                 first = fresh(plan)
-                again = _median_time(lambda p=plan: fresh(p), 3 if first < 30 else 1)
+                again = fresh(plan)
                 fp = footprint(model, plan, include_embeddings=False)
                 kinds = "/".join(sorted(set(fp.to_frame().query("layer >= 0").format)))
                 print(

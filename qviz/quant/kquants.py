@@ -237,12 +237,13 @@ def quantize_q6_k(x: np.ndarray) -> np.ndarray:
     return np.concatenate([ql.reshape(nb, 128), qh.reshape(nb, 64), ls.view(np.uint8), d_b], axis=1)
 
 
+_IQ4NL_MIDS = (IQ4NL_VALUES[1:] + IQ4NL_VALUES[:-1]) / 2
+
+
 def _best_index(v: np.ndarray) -> np.ndarray:
-    """``best_index_int8``: the index of the IQ4_NL value nearest to each of v."""
-    vals = IQ4NL_VALUES
-    mu = np.clip(np.searchsorted(vals, v, side="right"), 1, 15)
-    idx = np.where(v - vals[mu - 1] < vals[mu] - v, mu - 1, mu)
-    return np.where(v <= vals[0], 0, np.where(v >= vals[15], 15, idx))
+    """``best_index_int8``: the index of the IQ4_NL value nearest to each of v (the upper one
+    at a midpoint, as the C code's ``x - val[mu-1] < val[mu] - x`` test)."""
+    return np.searchsorted(_IQ4NL_MIDS, v, side="right")
 
 
 def quantize_iq4_nl(x: np.ndarray) -> np.ndarray:
