@@ -131,3 +131,42 @@ def test_footprint_counts_scale_and_zero():
     ch = footprint(model, QuantPlan.uniform(QuantConfig(3, None, method="hqq")), False)
     row = ch.to_frame().set_index("name").loc["model.layers.0.mlp.down_proj"]
     assert row.bytes * 8 == row.params * 3 + 64 * 32  # 64 rows, one scale + zero each
+
+
+_CHILD = """
+import sys, torch
+from qviz.quant import hqq as hqq_mod
+from qviz.quant.config import QuantConfig, QuantPlan
+from qviz.quant.engine import QuantEngine
+from tests.conftest import tiny_llama
+
+def boom(*a, **k):
+    raise SystemExit("recomputed instead of loaded")
+
+hqq_mod.hqq_quantize = boom
+engine = QuantEngine(tiny_llama())
+engine.progress = False
+w = engine.materialize(QuantPlan.uniform(QuantConfig(4, 32, method="hqq")))
+torch.save(w, sys.argv[1])
+"""
+
+
+def test_a_new_process_loads_from_the_disk_cache(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    monkeypatch.setenv("QVIZ_CACHE", str(tmp_path))
+    engine = QuantEngine(tiny_llama())
+    engine.progress = False
+    weights = engine.materialize(QuantPlan.uniform(CFG))
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    out = tmp_path / "child.pt"
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(out)], cwd=root, env=env, capture_output=True
+    )
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    loaded = torch.load(out)
+    assert loaded.keys() == weights.keys()
+    assert all(torch.equal(loaded[k], weights[k]) for k in weights)
