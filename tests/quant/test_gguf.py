@@ -127,3 +127,15 @@ def test_bad_type_and_bits_are_clear():
         engine.check(QuantPlan.uniform(QuantConfig(7, None, method="gguf")))
     assert engine.cached_plans == []
     assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
+
+
+def test_smollm2_widths_get_llama_cpp_types(embedded):
+    model, _ = embedded
+    fp = footprint(model, QuantPlan.uniform(g.gguf_config("Q4_K")), include_embeddings=False)
+    df = fp.to_frame().set_index("name")
+    assert df.loc["model.layers.0.mlp.down_proj", "format"] == "Q4_K"  # 1536 wide
+    assert df.loc["model.layers.0.self_attn.q_proj", "format"] == "Q5_0"  # 576 wide
+    assert set(df.format) == {"Q4_K", "Q5_0"}
+    down = df.index.str.endswith("down_proj")
+    n_down, n = df.params[down].sum(), df.params.sum()
+    assert fp.effective_bits == pytest.approx((4.5 * n_down + 5.5 * (n - n_down)) / n)
