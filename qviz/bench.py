@@ -291,6 +291,54 @@ def bench_memory(model_name: str = "smollm2-135m") -> None:
         )
 
 
+def bench_methods(model_name: str = "smollm2-135m") -> None:
+    """Each method's first materialization of every decoder Linear (a fresh engine and an empty
+    disk cache) next to round-to-nearest in the same run, then its reselection in a new engine
+    (HQQ: a load from the disk cache; GGUF has no disk cache: a recompute). GPTQ: bench gptq."""
+    import os
+    import tempfile
+
+    from qviz.models import load_model
+    from qviz.quant import QuantConfig, QuantPlan, footprint
+    from qviz.quant.engine import QuantEngine
+    from qviz.quant.gguf import gguf_config
+
+    model, _ = load_model(model_name)
+    rtn = QuantPlan.uniform(QuantConfig(4, 64))
+    plans = [rtn, QuantPlan.uniform(QuantConfig(4, 64, method="hqq"))]
+    plans += [QuantPlan.uniform(gguf_config(t)) for t in ("Q8_0", "Q6_K", "Q4_K", "Q3_K", "Q2_K")]
+    print(f"qviz bench methods: {model_name}, every decoder Linear, fresh engine per run")
+
+    def fresh(plan: QuantPlan) -> float:
+        engine = QuantEngine(model)
+        engine.progress = False
+        t = time.perf_counter()
+        engine.materialize(plan)
+        return time.perf_counter() - t
+
+    base = _median_time(lambda: fresh(rtn), 3)
+    old = os.environ.get("QVIZ_CACHE")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["QVIZ_CACHE"] = tmp
+        try:
+            for plan in plans:
+                first = fresh(plan)
+                again = fresh(plan)
+                fp = footprint(model, plan, include_embeddings=False)
+                kinds = "/".join(sorted(set(fp.to_frame().query("layer >= 0").format)))
+                print(
+                    f"  {plan.default.label:22s} first {first:7.2f} s ({first / base:6.1f}x RTN)"
+                    f" | reselect {again:6.2f} s ({again / base:5.1f}x) | "
+                    f"{fp.effective_bits:.3f} bits/weight (decoder) | as {kinds}"
+                )
+        finally:
+            if old is None:
+                os.environ.pop("QVIZ_CACHE")
+            else:
+                os.environ["QVIZ_CACHE"] = old
+    print(f"  (round-to-nearest 4-bit g64 baseline: {base:.2f} s)")
+
+
 BENCHES = {
     "quant": bench_quant,
     "compare": bench_compare,
@@ -298,6 +346,7 @@ BENCHES = {
     "trace": bench_trace,
     "ui": bench_ui,
     "memory": bench_memory,
+    "methods": bench_methods,
 }
 
 

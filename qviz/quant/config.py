@@ -77,6 +77,13 @@ class QuantConfig:
         except KeyError as err:
             raise AttributeError(err.args[0]) from None
 
+    @classmethod
+    def gguf(cls, qtype: str) -> QuantConfig:
+        """``QuantConfig.gguf("Q4_K")``: llama.cpp's GGUF type at its nominal bits."""
+        from qviz.quant.gguf import gguf_config
+
+        return gguf_config(qtype)
+
     @property
     def label(self) -> str:
         g = "ch" if self.group_size is None else f"g{self.group_size}"

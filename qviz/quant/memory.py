@@ -10,16 +10,31 @@ from torch import nn
 
 from qviz.models.arch import get_adapter, weight_layout
 from qviz.quant.config import QuantConfig, QuantPlan
+from qviz.quant.methods import METHODS
 from qviz.quant.primitives import group_size_for
 
 FP16_BITS = 16
 META_BITS = 16  # scale and zero are stored as 16-bit floats by deployed formats
 
 
-def weight_bits(cfg: QuantConfig | None, out_f: int, in_f: int) -> int:
-    """Bits to store one [out_f, in_f] weight: codes plus 16-bit scale (and zero if asymmetric)."""
+def storage(cfg: QuantConfig | None, in_f: int) -> tuple[str, float | None]:
+    """(format, bits per weight) of a Linear of ``in_f`` inputs under ``cfg``: the method's own
+    ``storage(cfg, in_f)`` when it has one (GGUF: the type the row width really gets, e.g.
+    ("Q5_0", 5.5); HQQ: codes + 16-bit scale and zero per group); else (cfg.label, None)."""
+    if cfg is None:
+        return "fp16", float(FP16_BITS)
+    own = getattr(METHODS[cfg.method], "storage", None)
+    return own(cfg, in_f) if own is not None else (cfg.label, None)
+
+
+def weight_bits(cfg: QuantConfig | None, out_f: int, in_f: int) -> float:
+    """Bits to store one [out_f, in_f] weight: codes plus 16-bit scale (and zero if asymmetric),
+    or the method's own bits per weight (GGUF block formats, HQQ)."""
     if cfg is None:
         return out_f * in_f * FP16_BITS
+    _, bpw = storage(cfg, in_f)
+    if bpw is not None:
+        return out_f * in_f * bpw
     g = group_size_for(cfg, in_f)
     groups = out_f * math.ceil(in_f / g)
     return out_f * in_f * cfg.bits + groups * META_BITS * (1 if cfg.symmetric else 2)
@@ -27,7 +42,9 @@ def weight_bits(cfg: QuantConfig | None, out_f: int, in_f: int) -> int:
 
 @dataclass
 class Footprint:
-    """Per-weight rows (layer, name, params, bits, bytes) plus totals against the FP16 baseline."""
+    """Per-weight rows (layer, name, params, bits, format, bytes) plus totals against FP16.
+
+    ``format``: what the Linear is really stored as (a GGUF type after fallback, a label)."""
 
     rows: list[dict]
 
@@ -87,6 +104,7 @@ def footprint(model: nn.Module, plan: QuantPlan, include_embeddings: bool = True
                 "name": name,
                 "params": out_f * in_f,
                 "bits": cfg.bits if cfg else FP16_BITS,
+                "format": storage(cfg, in_f)[0],
                 "bytes": bits / 8,
                 "fp16_bytes": out_f * in_f * FP16_BITS / 8,
             }

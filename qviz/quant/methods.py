@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 _BUILTIN = {
     "rtn": "qviz.quant.rtn:RTN",
     "gptq": "qviz.quant.gptq:GPTQ",
+    "hqq": "qviz.quant.hqq:HQQ",
+    "gguf": "qviz.quant.gguf:GGUF",
 }
 
 

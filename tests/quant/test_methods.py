@@ -12,7 +12,7 @@ from tests.conftest import tiny_llama
 
 
 def test_registry_lists_the_builtin_methods():
-    assert list(METHODS) == ["rtn", "gptq"]
+    assert list(METHODS) == ["rtn", "gptq", "hqq", "gguf"]
     assert METHODS["gptq"].calibrated and not METHODS["rtn"].calibrated
     assert all(isinstance(METHODS[name], Method) and METHODS[name].name == name for name in METHODS)
     assert "awq" not in METHODS and len(METHODS) == 2
@@ -124,7 +124,7 @@ def zero_method():
 
 
 def test_a_registered_method_runs_through_the_engine(zero_method):
-    assert list(METHODS) == ["rtn", "gptq", "zero"]
+    assert list(METHODS) == ["rtn", "gptq", "hqq", "gguf", "zero"]
     with pytest.raises(ValueError, match="already registered"):
         METHODS.register(Zero())
     model = tiny_llama()
@@ -151,5 +151,7 @@ def test_a_registered_method_runs_through_the_engine(zero_method):
 
 
 def test_unknown_method_lists_the_registered_ones():
-    with pytest.raises(ValueError, match=r"one of \('rtn', 'gptq'\), got method='zero'"):
+    with pytest.raises(
+        ValueError, match=r"one of \('rtn', 'gptq', 'hqq', 'gguf'\), got method='zero'"
+    ):
         QuantConfig(4, method="zero")

@@ -1,0 +1,155 @@
+"""GGUF formats (llama.cpp): each Linear encoded to a GGUF type's bytes and decoded by ``gguf``.
+
+``QuantConfig(4, None, method="gguf", type="Q4_K")``: the type fixes the block layout, so the
+config's group size and symmetry are ignored; ``bits`` must be the type's nominal bits (Q4_K:
+4), and ``type`` defaults to the k-quant of ``bits`` (8: Q8_0, 6: Q6_K, 5: Q5_K, 4: Q4_K,
+3: Q3_K, 2: Q2_K). Encoding: ``gguf.quants.quantize`` (numpy) for the legacy types, the ports of
+llama.cpp's reference quantizers in ``kquants`` for k-quants and IQ4_NL (no importance
+matrix); decoding always ``gguf.quants.dequantize``.
+
+A row width that is not a multiple of the type's block (SmolLM2's 576-wide Linears for the
+256-wide k-quants) gets llama.cpp's fallback type (``llama-quant.cpp``: Q2_K/Q3_K -> IQ4_NL,
+Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0; F16 if that does not fit either), as
+``llama-quantize`` would; :func:`storage_type` says which, and the footprint reports it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from qviz.quant.config import QuantConfig
+from qviz.quant.methods import Method
+
+TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "Q3_K", "Q2_K", "IQ4_NL")
+NOMINAL_BITS = {
+    "Q8_0": 8,
+    "Q6_K": 6,
+    "Q5_K": 5,
+    "Q5_1": 5,
+    "Q5_0": 5,
+    "Q4_K": 4,
+    "Q4_1": 4,
+    "Q4_0": 4,
+    "IQ4_NL": 4,
+    "Q3_K": 3,
+    "Q2_K": 2,
+}
+DEFAULT_TYPE = {8: "Q8_0", 6: "Q6_K", 5: "Q5_K", 4: "Q4_K", 3: "Q3_K", 2: "Q2_K"}
+FALLBACK = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+
+def block_size(qtype: str) -> int:
+    """Weights per block of ``qtype`` (32 or 256; 1 for F16)."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    return GGML_QUANT_SIZES[GGMLQuantizationType[qtype]][0]
+
+
+def bits_per_weight(qtype: str) -> float:
+    """Stored bits per weight of ``qtype``, block scales included (Q4_K: 4.5, Q6_K: 6.5625)."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
+    return nbytes * 8 / block
+
+
+def type_of(cfg: QuantConfig) -> str:
+    """The GGUF type ``cfg`` asks for (its ``type`` setting, else the k-quant of its bits)."""
+    t = cfg.setting("type")
+    return DEFAULT_TYPE[cfg.bits] if t is None else t
+
+
+def storage_type(qtype: str, in_features: int) -> str:
+    """The type a row of ``in_features`` weights really gets (llama.cpp's fallback rule)."""
+    if in_features % block_size(qtype) == 0:
+        return qtype
+    fallback = FALLBACK.get(qtype, "F16")
+    return fallback if in_features % block_size(fallback) == 0 else "F16"
+
+
+def encode(w: np.ndarray, qtype: str) -> np.ndarray:
+    """float32 rows [rows, n] (n a multiple of the block) -> GGUF bytes [rows, bytes per row]."""
+    from gguf.constants import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    from qviz.quant.kquants import ENCODERS
+
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    if qtype not in ENCODERS:
+        return quantize(w, GGMLQuantizationType[qtype])
+    rows, n = w.shape
+    return ENCODERS[qtype](w.reshape(-1, block_size(qtype))).reshape(rows, -1)
+
+
+def decode(data: np.ndarray, qtype: str) -> np.ndarray:
+    """GGUF bytes [rows, bytes per row] -> float32 [rows, n] (``gguf.quants.dequantize``)."""
+    from gguf.constants import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    return dequantize(data, GGMLQuantizationType[qtype])
+
+
+def gguf_quantize(w: torch.Tensor, qtype: str) -> torch.Tensor:
+    """w [out, in] -> dequantized [out, in] in ``qtype`` (or its fallback for this width)."""
+    t = storage_type(qtype, w.shape[1])
+    if t == "F16":
+        return w.detach().to(torch.float16).to(w.dtype)
+    x = w.detach().float().cpu().numpy()
+    out = torch.from_numpy(np.ascontiguousarray(decode(encode(x, t), t)))
+    return out.to(device=w.device, dtype=w.dtype)
+
+
+class GGUF(Method):
+    """llama.cpp's GGUF types (setting ``type``, see the module docstring); no calibration."""
+
+    name = "gguf"
+    defaults = {"type": None}
+
+    def check_setting(self, key: str, value):
+        if value is None:
+            return None
+        t = value.upper() if isinstance(value, str) else value
+        if t not in TYPES:
+            raise ValueError(f"unknown GGUF type {value!r}; choices: {', '.join(TYPES)}")
+        return t
+
+    def label_suffix(self, settings) -> str:
+        return f"-{dict(settings)['type']}" if "type" in dict(settings) else ""
+
+    def group_size_ok(self, group_size: int | None, in_features: int) -> bool:
+        return True  # the type fixes its blocks; the config's group size is not used
+
+    def check_plan(self, cfgs: list[QuantConfig]) -> None:
+        for cfg in cfgs:
+            t = cfg.setting("type")
+            if t is None and cfg.bits not in DEFAULT_TYPE:
+                raise ValueError(
+                    f"method='gguf' has no type of bits={cfg.bits}; give type= one of "
+                    f"{', '.join(TYPES)}"
+                )
+            if t is not None and NOMINAL_BITS[t] != cfg.bits:
+                raise ValueError(
+                    f"GGUF type {t} stores {NOMINAL_BITS[t]}-bit codes, not bits={cfg.bits}: "
+                    f"use QuantConfig({NOMINAL_BITS[t]}, method='gguf', type={t!r})"
+                )
+
+    def storage(self, cfg: QuantConfig, in_features: int) -> tuple[str, float]:
+        """(the GGUF type a Linear of ``in_features`` inputs gets, its bits per weight)."""
+        t = storage_type(type_of(cfg), in_features)
+        return t, bits_per_weight(t)
+
+    def quantize_weight(self, w: torch.Tensor, cfg: QuantConfig, name: str) -> torch.Tensor:
+        """w [out, in] -> dequantized [out, in] through the GGUF bytes of its type."""
+        self.check_plan([cfg])
+        return gguf_quantize(w, type_of(cfg))
+
+
+def gguf_config(qtype: str) -> QuantConfig:
+    """``QuantConfig`` of GGUF type ``qtype`` ("Q4_K", case-insensitive), its nominal bits."""
+    from qviz.quant.methods import METHODS
+
+    t = METHODS["gguf"].check_setting("type", qtype)
+    if t is None:
+        raise ValueError(f"unknown GGUF type {qtype!r}; choices: {', '.join(TYPES)}")
+    return QuantConfig(NOMINAL_BITS[t], None, method="gguf", type=t)
