@@ -108,6 +108,8 @@ MODELS = {
     # a small base model: it ranks " Paris" third after "The capital of France is"
     "gemma3-270m": ("gemma3_text", 18, 268_098_176, "Paris is the capital of", " France"),
 }
+# whether causal tracing reuses the key/value prefix (gemma3: per-type rotary, sliding layers)
+FAST = {"qwen2.5-coder-0.5b": True, "gemma3-270m": False}
 B8 = QuantPlan.uniform(QuantConfig(bits=8, group_size=128))
 B2 = QuantPlan.uniform(QuantConfig(bits=2, group_size=128))
 
@@ -133,6 +135,7 @@ def test_loads_offline_by_name(real):
     assert lab.model.config.model_type == model_type and lab.n_layers == n_layers
     assert sum(p.numel() for p in lab.model.parameters()) == n_params
     assert lab.adapter.model_type == model_type
+    assert lab.adapter.fast_path(lab.model, 8) is FAST[name]
 
 
 @pytest.mark.model
@@ -179,3 +182,31 @@ def test_batched_trace_equals_per_cell(real):
     got = np.array([grid.prob[i, t] for i, t in cells])
     np.testing.assert_allclose(got, [ref[i, t] for i, t in cells], atol=1e-4, rtol=0)
     assert hook_count(lab.model) == 0
+
+
+@pytest.mark.parametrize(
+    "argv, names",
+    [
+        (["fetch"], ["smollm2-135m"]),
+        (["fetch", "--model", "gemma3-270m"], ["gemma3-270m"]),
+        (["fetch", "--all"], list(load.EMBEDDED)),
+    ],
+)
+def test_cli_fetch_picks_the_models(argv, names, monkeypatch, capsys):
+    from qviz import cli
+
+    got = []
+    monkeypatch.setattr(load, "ensure_embedded", lambda name: got.append(name) or name)
+    assert cli.main(argv) == 0
+    assert got == names and capsys.readouterr().out.split() == names
+
+
+@pytest.mark.parametrize(
+    "argv", [["fetch", "--model", "gemma-9000"], ["fetch", "--all", "--model", "gemma3-270m"]]
+)
+def test_cli_fetch_rejects_bad_arguments(argv, capsys):
+    from qviz import cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2 and "--model" in capsys.readouterr().err
