@@ -40,7 +40,7 @@ $(VENV)/.chromium: $(VENV)/.base
 test: $(VENV)/.dev $(VENV)/.chromium
 	$(VENV)/bin/ruff check qviz tests bench
 	$(VENV)/bin/ruff format --check qviz tests bench
-	$(PY) -m qviz.cli fetch
+	$(PY) -m qviz.cli fetch --all
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
 	$(PY) -m pytest -q -p no:cacheprovider --nbval-lax notebooks
 

@@ -25,9 +25,11 @@ def _bits(text: str) -> list[int]:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    from qviz.models.load import ensure_embedded
+    """Download, assemble, verify and convert embedded models into the cache; print folders."""
+    from qviz.models.load import EMBEDDED, ensure_embedded
 
-    print(ensure_embedded(args.model))
+    for name in EMBEDDED if args.all else [args.model]:
+        print(ensure_embedded(name), flush=True)
     return 0
 
 
@@ -142,8 +144,12 @@ def bench_registry() -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qviz", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("fetch", help="fetch and convert the embedded model into the cache")
-    p.add_argument("--model", default="smollm2-135m")
+    from qviz.models.load import EMBEDDED
+
+    p = sub.add_parser("fetch", help="fetch and convert embedded models into the cache (offline)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--model", default="smollm2-135m", choices=list(EMBEDDED))
+    which.add_argument("--all", action="store_true", help="every embedded model")
     p.set_defaults(func=cmd_fetch)
     p = sub.add_parser("diagnose", help="per bit-width: top-1 answer, target probability, memory")
     p.add_argument("--model", default="smollm2-135m")

@@ -114,6 +114,10 @@ ADAPTERS: dict[str, Adapter] = {
 # gemma scales its embeddings and gemma2 alternates sliding windows: the generic tracing path
 ADAPTERS["gemma"] = _llama_like("gemma", fast=False)
 ADAPTERS["gemma2"] = _llama_like("gemma2", fast=False, softcap=True)
+# gemma3 text: sliding and full layers alternate, each type with its own rotary embedding (the
+# shared one takes a layer type), so tracing takes the generic path; its scaled embeddings, its
+# (1 + w) norms and the extra pre/post-feedforward norms live inside transformers' own modules
+ADAPTERS["gemma3_text"] = _llama_like("gemma3_text", fast=False, softcap=True)
 ADAPTERS["phi3"] = Adapter(
     model_type="phi3",
     layers="model.layers",
