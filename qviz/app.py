@@ -7,9 +7,13 @@ loads, and a message (not a server log line) when it cannot be loaded.
 
 from __future__ import annotations
 
+import os
 import threading
 
 _LABS: dict[str, object] = {}
+# prompts longer than this are refused with a message in the served page (the API's default is
+# Lab.max_prompt_tokens = 1024); QVIZ_SERVE_MAX_TOKENS changes it
+SERVE_MAX_PROMPT_TOKENS = int(os.environ.get("QVIZ_SERVE_MAX_TOKENS", 256))
 _ERRORS: dict[str, str] = {}
 _LOAD_LOCK = threading.Lock()
 
@@ -20,7 +24,9 @@ def shared_lab(model: str):
         if model not in _LABS:
             from qviz.lab import Lab
 
-            _LABS[model] = Lab.load(model)
+            lab = Lab.load(model)
+            lab.max_prompt_tokens = SERVE_MAX_PROMPT_TOKENS
+            _LABS[model] = lab
         return _LABS[model]
 
 

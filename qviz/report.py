@@ -140,6 +140,7 @@ def build_report(
 
     from qviz.quant.config import QuantConfig, QuantPlan
     from qviz.views import plots, text
+    from qviz.views.backend import CKA_CONTEXT
     from qviz.views.components import arrange
 
     cfgs = {int(b): QuantConfig(bits=int(b), group_size=group_size) for b in bits}
@@ -148,7 +149,9 @@ def build_report(
     fp_row, memory = table.rows[0], dict(zip(plans, table.rows[1:], strict=True))
     comparisons, sections = {}, []
     for b, plan in plans.items():
-        cmp = comparisons[b] = lab.compare(prompt, target=target, plan=plan)
+        cmp = comparisons[b] = lab.compare(
+            prompt, target=target, plan=plan, cka_context=CKA_CONTEXT
+        )
         layer = len(cmp.ffn.flip_rate) // 2
         views = {
             "cka": plots.cka_plot(cmp.cka),
