@@ -50,9 +50,10 @@ def _centered(x: Tensor) -> tuple[Tensor, Tensor]:
         x = x.unsqueeze(0)
     if x.dim() != 3:
         raise ValueError(f"expected activations [L, N, D], got shape {tuple(x.shape)}")
-    x = x.detach().to(torch.float64)
-    moment = (x * x).sum(dim=2).mean(dim=1)
-    return x - x.mean(dim=1, keepdim=True), moment
+    x = x.detach().to(torch.float64, copy=True)  # one float64 copy, centered in place
+    moment = torch.stack([(xl.flatten() @ xl.flatten()) / xl.shape[0] for xl in x])
+    x -= x.mean(dim=1, keepdim=True)
+    return x, moment
 
 
 def _biased_blocked(
@@ -68,11 +69,12 @@ def _biased_blocked(
     for r0 in range(0, n, block):
         kx = xc[:, r0 : r0 + block] @ xc.transpose(1, 2)  # rows r0.. of each Gram [La, b, N]
         ky = yc[:, r0 : r0 + block] @ yc.transpose(1, 2)
-        cross += torch.einsum("anm,bnm->ab", kx, ky)
+        fx, fy = kx.flatten(1), ky.flatten(1)  # [La, b N], [Lb, b N]
+        cross += fx @ fy.T
         if ref is not None:
-            ref += torch.einsum("anm,bnm->ab", kx, kx)
-        sx += (kx * kx).sum(dim=(1, 2))
-        sy += (ky * ky).sum(dim=(1, 2))
+            ref += fx @ fx.T
+        sx += (fx * fx).sum(dim=1)
+        sy += (fy * fy).sum(dim=1)
     d = (n - 1) ** 2
     return cross / d, sx / d, sy / d, None if ref is None else ref / d
 
