@@ -4,22 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from qviz.probes.patch import window_layers  # where patching windows are decided
+
 __all__ = ["RECOVERY_EPS", "peak_layer", "recovery", "window_layers"]
 
 RECOVERY_EPS = 1e-4  # |p_reference - p_quantized| below this: recovery is undefined
-
-
-def window_layers(layer: int, window: int, n_layers: int) -> range:
-    """The decoder layers patched together for cell ``layer``: ``window`` layers centred on it.
-
-    ROME's causal tracing rule: range(max(0, l - w // 2), min(L, l - (-w // 2))), clipped at the
-    ends (so the window holds fewer layers near layer 0 and layer L - 1).
-    """
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got window={window}")
-    if not 0 <= layer < n_layers:
-        raise ValueError(f"layer must be in 0..{n_layers - 1}, got layer={layer}")
-    return range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
 
 
 def recovery(

@@ -28,7 +28,6 @@ import torch
 from torch import nn
 
 from qviz.cancel import check_cancel
-from qviz.metrics.tracing import window_layers
 from qviz.models.arch import Adapter
 from qviz.probes.hooks import (
     attached,
@@ -62,6 +61,19 @@ class RunCache:
     def component(self, name: str) -> torch.Tensor:
         """[L, T, D] activations of ``name`` (resid: the inputs of the L decoder layers)."""
         return {"resid": self.resid[:-1], "attn": self.attn, "mlp": self.mlp}[name]
+
+
+def window_layers(layer: int, window: int, n_layers: int) -> range:
+    """The decoder layers patched together for cell ``layer``: ``window`` layers centred on it.
+
+    ROME's causal tracing rule: range(max(0, l - w // 2), min(L, l - (-w // 2))), clipped at the
+    ends (so the window holds fewer layers near layer 0 and layer L - 1).
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got window={window}")
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"layer must be in 0..{n_layers - 1}, got layer={layer}")
+    return range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
 
 
 def _target_prob(logits: torch.Tensor, target_id: int) -> torch.Tensor:
