@@ -154,6 +154,10 @@ class Progress:
 
     def __call__(self, done: int, total: int) -> None:
         now = time.monotonic()
+        if done == 0:  # the method started: no rate yet (calibrated ones capture inputs first)
+            self.t0 = now
+            self.report(f"preparing {self.label}: capturing calibration inputs ...")
+            return
         if self.t1 is None or done <= 1:
             self.t1, per_layer = now, now - self.t0
         else:

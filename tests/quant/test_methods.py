@@ -15,7 +15,7 @@ def test_registry_lists_the_builtin_methods():
     assert list(METHODS) == ["rtn", "gptq", "hqq", "gguf"]
     assert METHODS["gptq"].calibrated and not METHODS["rtn"].calibrated
     assert all(isinstance(METHODS[name], Method) and METHODS[name].name == name for name in METHODS)
-    assert "awq" not in METHODS and len(METHODS) == 2
+    assert "awq" not in METHODS and len(METHODS) == 4
 
 
 def test_old_spelling_still_works_and_labels_are_unchanged():
