@@ -134,6 +134,11 @@ class Lab:
         with self.engine.quantized(plan) as m:
             yield m
 
+    def check(self, plan: QuantPlan) -> None:
+        """Refuse ``plan`` before any work (ValueError naming the layer, value and what would
+        fit): layers the model lacks, group sizes or settings a Linear's method cannot take."""
+        self.engine.check(plan)
+
     # inputs -----------------------------------------------------------------------------------
     def encode(self, prompt: str) -> torch.Tensor:
         """input_ids [1, T] on the model's device; ValueError for an empty prompt or one longer
@@ -154,6 +159,11 @@ class Lab:
             if not 0 <= int(target) < self.model.config.vocab_size:
                 raise ValueError(f"target id {target} is outside the vocabulary")
             return int(target)
+        if not isinstance(target, str) or not target:
+            raise ValueError(
+                f"target must be one token of text (e.g. ' Paris', with its leading space) or a "
+                f"token id, got {target!r}"
+            )
         ids = self.tokenizer(target, add_special_tokens=False).input_ids
         if len(ids) != 1:
             pieces = [self.tokenizer.decode([i]) for i in ids]

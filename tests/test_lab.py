@@ -54,6 +54,9 @@ def test_target_must_be_one_token(lab):
         lab.compare(FRANCE, " Parisian capitalism", QuantPlan.none())
     with pytest.raises(ValueError, match="non-empty"):
         lab.compare("  ", " Paris", QuantPlan.none())
+    with pytest.raises(ValueError, match=r"one token of text \(e.g. ' Paris'.*got ''") as err:
+        lab.compare(FRANCE, "", QuantPlan.none())
+    assert "first piece" not in str(err.value)  # no hint to pass an empty piece
 
 
 def test_no_hooks_remain_even_after_errors():

@@ -235,9 +235,12 @@ class Controller:
         self._dispatch(show)
 
     def _plan(self):
+        """The state's plan, checked against the model at once (errors show before any work)."""
         try:
-            return self.state.plan()
-        except ValueError as err:
+            plan = self.state.plan()
+            self.lab.check(plan)
+            return plan
+        except (ValueError, ImportError) as err:
             self.state.error = str(err)
             return None
 

@@ -195,3 +195,23 @@ def test_one_layout_serves_every_front():
         {"cka": "C", "lens": "L", "ffn": "F"}, lambda *k: ("row", k), lambda *k: ("col", k)
     )
     assert built == ("col", (("row", ("C",)), ("row", ("L", ("col", ("F",))))))
+
+
+def test_a_plan_the_model_cannot_take_is_refused_before_any_work():
+    class Spy(qviz.Lab):
+        prepared: list = []
+
+        def prepare(self, plan, cancel=None, on_progress=None) -> None:
+            self.prepared.append(plan.label)
+            super().prepare(plan, cancel=cancel, on_progress=on_progress)
+
+    lab = tiny_lab(Spy)
+    state = tiny_state()
+    ctl = Controller(Backend(lab), state, dispatch=lambda fn: fn())
+    ctl.request_compare()
+    assert ctl.wait(JOIN) and state.error == "" and len(lab.prepared) == 1
+    state.protect_first = 5  # tiny llama has 3 decoder layers
+    assert ctl.wait(JOIN)
+    assert "layers [3, 4]" in state.error and "3 decoder layers" in state.error
+    assert len(lab.prepared) == 1  # refused when selected: no job reached the model
+    ctl.close()
