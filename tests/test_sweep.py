@@ -1,0 +1,165 @@
+"""qviz.sweep: grids validated before any task, in-process vs LocalCluster rows, resume, errors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+
+from qviz import sweep
+from qviz.sweep import Grid, read_rows, run
+
+# layer 0 only: a cell materializes 7 Linears, so it takes seconds on the embedded model
+TINY = dict(
+    models=["smollm2-135m"],
+    methods=["rtn"],
+    bits=[2, 8],
+    group_sizes=[128],
+    plans=["only_first:1"],
+    metrics=["verdict", "perplexity"],
+)
+
+
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("models", ["smolm2"], ["'smolm2'", "smollm2-135m"]),
+        ("methods", ["awq"], ["'awq'", "'rtn'", "'gptq'"]),
+        ("plans", ["protect-first:2"], ["'protect-first:2'", "protect_first:N"]),
+        ("plans", ["only_first"], ["'only_first'", "only_first:N"]),
+        ("metrics", ["accuracy"], ["'accuracy'", "'perplexity'", "'facts'"]),
+        ("bits", [9], ["bits=9"]),
+        ("group_sizes", [-4], ["-4"]),
+    ],
+)
+def test_bad_input_is_refused_naming_value_and_choices(field, value, words, monkeypatch):
+    monkeypatch.setattr(sweep, "run_cell", lambda cell: pytest.fail("a task started"))
+    with pytest.raises(ValueError) as err:
+        run(Grid(**{**TINY, field: value}))
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_grid_cells_and_keys():
+    g = Grid(["smollm2-135m"], ["rtn", "hqq"], [2, 4], [32, 0], ["uniform", "protect_first:2"])
+    assert len(g) == 2 * 2 * 2 * 2
+    assert len({c.key for c in g.cells}) == len(g)
+    assert {c.group_size for c in g.cells} == {32, None}
+    labels = {c.plan_label for c in g.cells}
+    assert "rtn2-g32 L0:rtn8-g32 L1:rtn8-g32" in labels and "hqq4-ch" in labels
+    # same cell, other metric set: another key (a row of one never stands for the other)
+    other = Grid(["smollm2-135m"], ["rtn"], [2], [32], ["uniform"], ["verdict"])
+    same = Grid(["smollm2-135m"], ["rtn"], [2], [32], ["uniform"], ["perplexity", "verdict"])
+    assert other.cells[0].key != same.cells[0].key
+    assert same.cells[0].key in {c.key for c in g.cells}
+
+
+def test_unreachable_scheduler_is_a_clear_error():
+    with pytest.raises(ConnectionError, match="tcp://127.0.0.1:9"):
+        sweep.connect("tcp://127.0.0.1:9", timeout=1)
+    with pytest.raises(ValueError, match="'local:N'"):
+        sweep.connect("locall:2")
+
+
+def _parser():
+    p = argparse.ArgumentParser()
+    sweep.add_sweep_parser(p.add_subparsers(dest="cmd"))
+    return p
+
+
+def test_cli_refuses_bad_method(tmp_path, capsys):
+    args = _parser().parse_args(
+        ["sweep", "--method", "rtn,nope", "--bits", "2", "--out", str(tmp_path / "x.jsonl")]
+    )
+    assert args.func(args) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_failed_cell_retried_once_then_an_error_row(tmp_path, monkeypatch):
+    calls = []
+
+    def flaky(cell):
+        calls.append(cell.bits)
+        if cell.bits == 2:
+            raise RuntimeError("boom")
+        return sweep._row(cell, {"verdict": "healthy", "perplexity": 1.0})
+
+    monkeypatch.setattr(sweep, "run_cell", flaky)
+    frame = run(Grid(**TINY), out=tmp_path / "s.jsonl", progress=False)
+    assert calls == [2, 2, 8]
+    assert frame["error"][0] == "RuntimeError: boom" and frame["error"].isna()[1]
+    assert [r["error"] for r in read_rows(tmp_path / "s.jsonl")] == ["RuntimeError: boom", None]
+    # resume runs the error cell again and keeps one row per key
+    monkeypatch.setattr(sweep, "run_cell", lambda c: sweep._row(c, {"verdict": "x"}))
+    frame = run(Grid(**TINY), out=tmp_path / "s.jsonl", resume=True, progress=False)
+    rows = read_rows(tmp_path / "s.jsonl")
+    assert len(rows) == 2 and len({r["key"] for r in rows}) == 2
+    assert frame["verdict"].tolist() == ["x", "healthy"]
+
+
+@pytest.fixture(scope="module")
+def serial(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep") / "none.jsonl"
+    return out, run(Grid(**TINY), client=None, out=out, progress=False)
+
+
+@pytest.mark.model
+def test_serial_rows(serial):
+    out, frame = serial
+    assert list(frame.columns[:7]) == [
+        "model", "method", "bits", "group_size", "plan", "perplexity", "verdict"
+    ]  # fmt: skip
+    assert frame["error"].isna().all(), frame["error"].tolist()
+    assert frame["bits"].tolist() == [2, 8]
+    assert frame["verdict"].isin(["healthy", "signal degradation", "computation collapse"]).all()
+    ppl = frame["perplexity"].tolist()
+    assert all(math.isfinite(p) and p > 1 for p in ppl) and ppl[0] > ppl[1]
+    assert [r["key"] for r in read_rows(out)] == frame["key"].tolist()
+
+
+@pytest.mark.model
+def test_local_cluster_gives_the_same_rows(serial):
+    from distributed import Client, LocalCluster
+
+    _, ref = serial
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        frame = run(Grid(**TINY), client=client, progress=False)
+    assert frame["error"].isna().all(), frame["error"].tolist()
+    cols = ["model", "method", "bits", "group_size", "plan", "verdict", "key"]
+    assert frame[cols].to_dict("records") == ref[cols].to_dict("records")
+    assert frame["perplexity"].tolist() == pytest.approx(ref["perplexity"].tolist(), rel=1e-4)
+
+
+@pytest.mark.model
+def test_resume_computes_only_missing_cells(serial, tmp_path, monkeypatch):
+    out, ref = serial
+    first = read_rows(out)[0]
+    part = tmp_path / "part.jsonl"
+    part.write_text(json.dumps(first) + "\n" + '{"model": "smollm2-1', encoding="utf-8")  # torn
+    ran = []
+    real = sweep.run_cell
+
+    def counting(cell):
+        ran.append(cell.key)
+        return real(cell)
+
+    monkeypatch.setattr(sweep, "run_cell", counting)
+    with pytest.raises(FileExistsError, match="resume"):
+        run(Grid(**TINY), out=part)
+    frame = run(Grid(**TINY), out=part, resume=True, progress=False)
+    assert ran == [ref["key"][1]]
+    rows = read_rows(part)
+    assert [r["key"] for r in rows] == ref["key"].tolist()
+    assert frame["verdict"].tolist() == ref["verdict"].tolist()
+    ran.clear()
+    again = run(Grid(**TINY), out=part, resume=True, progress=False)
+    assert ran == [] and len(read_rows(part)) == 2
+    assert again["perplexity"].tolist() == pytest.approx(ref["perplexity"].tolist())
