@@ -163,3 +163,34 @@ def test_resume_computes_only_missing_cells(serial, tmp_path, monkeypatch):
     again = run(Grid(**TINY), out=part, resume=True, progress=False)
     assert ran == [] and len(read_rows(part)) == 2
     assert again["perplexity"].tolist() == pytest.approx(ref["perplexity"].tolist())
+
+
+def test_heatmap_data_and_figures():
+    import pandas as pd
+    from bokeh.embed import json_item
+
+    from qviz.views.sweep_plots import VERDICT_COLORS, heatmap_data, sweep_heatmaps
+
+    frame = pd.DataFrame(
+        {
+            "model": ["m"] * 5,
+            "method": ["rtn", "rtn", "rtn", "hqq", "hqq"],
+            "bits": [2, 2, 8, 2, 8],
+            "group_size": [32, None, 32, 32, 32],
+            "plan": ["uniform"] * 5,
+            "verdict": ["computation collapse", "signal degradation", "healthy", None, "healthy"],
+            "perplexity": [900.0, 80.0, 20.0, None, 21.0],
+            "error": [None, None, None, "RuntimeError: boom", None],
+        }
+    )
+    data = heatmap_data(frame, "rtn")
+    assert data["gs"] == ["g32", "ch", "g32"] and data["bits"] == ["2", "2", "8"]
+    assert data["color"] == [VERDICT_COLORS[v] for v in frame["verdict"][:3]]
+    assert heatmap_data(frame, "hqq")["verdict"] == ["error", "healthy"]
+    layout = sweep_heatmaps(frame)
+    assert [f.title.text for f in layout.children] == [
+        "rtn: verdict (uniform)",
+        "hqq: verdict (uniform)",
+    ]
+    assert list(layout.children[0].x_range.factors) == ["g32", "ch"]
+    json_item(layout)  # serializes
