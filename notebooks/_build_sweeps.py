@@ -1,6 +1,6 @@
 """Generate notebooks/08_sweeps.ipynb (outputs empty), like notebooks/_build.py does the others.
 
-    .venv/bin/python notebooks/_build_sweeps.py
+.venv/bin/python notebooks/_build_sweeps.py
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ SWEEPS = [
             Client(cluster) as client,
         ):
             frame = run(grid, client=client, out=out, progress=False)
-        frame[["model", "method", "bits", "group_size", "plan", "verdict", "perplexity", "error"]]""",
+        frame[["model", "method", "bits", "group_size", "plan", "verdict", "perplexity"]]""",
     ),
     (
         "code",
