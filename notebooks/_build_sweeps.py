@@ -56,7 +56,7 @@ SWEEPS = [
         out = Path(tempfile.mkdtemp()) / "sweep.jsonl"
         with (
             LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                         dashboard_address=None) as cluster,
+                         dashboard_address=":0") as cluster,
             Client(cluster) as client,
         ):
             frame = run(grid, client=client, out=out, progress=False)

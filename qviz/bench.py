@@ -374,7 +374,7 @@ def bench_sweep(model_name: str = "smollm2-135m", plan: str = "uniform") -> None
     t = time.perf_counter()
     with (
         LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
         ) as cluster,
         Client(cluster) as client,
     ):

@@ -339,7 +339,7 @@ def connect(scheduler: str | None, timeout: float = CONNECT_TIMEOUT):
         from distributed import Client, LocalCluster
 
         cluster = LocalCluster(
-            n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None
+            n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0"
         )
         return Client(cluster)
     if scheduler.startswith("tcp://"):
@@ -496,6 +496,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     except (ValueError, ConnectionError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if client is not None:
+        print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
     try:
         frame = run(grid, client, out=args.out, resume=args.resume)
     finally:

@@ -127,7 +127,7 @@ def test_local_cluster_gives_the_same_rows(serial):
     _, ref = serial
     with (
         LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
         ) as cluster,
         Client(cluster) as client,
     ):
@@ -194,3 +194,38 @@ def test_heatmap_data_and_figures():
     ]
     assert list(layout.children[0].x_range.factors) == ["g32", "ch"]
     json_item(layout)  # serializes
+
+
+def dying_cell(cell):
+    """A cheap stand-in for run_cell on the workers: the first 2-bit cell kills its worker
+    process (as an out-of-memory kill would), every other cell returns at once."""
+    import os
+    from pathlib import Path
+
+    marker = Path(os.environ["QVIZ_TEST_KILL_MARKER"])
+    if cell.bits == 2 and not marker.exists():
+        marker.write_text("killed")
+        os._exit(1)
+    return sweep._row(cell, {"verdict": "healthy", "perplexity": float(cell.bits)})
+
+
+def test_a_worker_killed_mid_sweep_is_survived(tmp_path, monkeypatch):
+    from distributed import Client, LocalCluster
+
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("QVIZ_TEST_KILL_MARKER", str(marker))
+    monkeypatch.setattr(sweep, "run_cell", dying_cell)
+    grid = Grid(**{**TINY, "bits": [2, 3, 4, 8]})
+    out = tmp_path / "k.jsonl"
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        frame = run(grid, client=client, out=out, progress=False)
+    assert marker.exists()  # a worker did die
+    assert frame["error"].isna().all(), frame["error"].tolist()
+    assert frame["perplexity"].tolist() == [2.0, 3.0, 4.0, 8.0]
+    rows = read_rows(out)
+    assert sorted(r["bits"] for r in rows) == [2, 3, 4, 8]
