@@ -293,6 +293,14 @@ class RowWriter:
         self.path = None if path is None else Path(path)
         self.rows = list(keep)
         if self.path is not None:
+            if self.path.suffix == ".parquet":
+                try:
+                    import pyarrow  # noqa: F401
+                except ImportError:
+                    raise ValueError(
+                        f"--out {self.path}: Parquet output needs pyarrow (pip install "
+                        "pyarrow); or name a .jsonl file"
+                    ) from None
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._rewrite()
 

@@ -229,3 +229,21 @@ def test_a_worker_killed_mid_sweep_is_survived(tmp_path, monkeypatch):
     assert frame["perplexity"].tolist() == [2.0, 3.0, 4.0, 8.0]
     rows = read_rows(out)
     assert sorted(r["bits"] for r in rows) == [2, 3, 4, 8]
+
+
+def test_parquet_out_streams_and_resumes(tmp_path, monkeypatch):
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        monkeypatch.setattr(sweep, "run_cell", lambda c: pytest.fail("a task started"))
+        with pytest.raises(ValueError, match="needs pyarrow"):
+            run(Grid(**TINY), out=tmp_path / "s.parquet")
+        return
+    monkeypatch.setattr(sweep, "run_cell", lambda c: sweep._row(c, {"verdict": "healthy"}))
+    out = tmp_path / "s.parquet"
+    frame = run(Grid(**TINY), out=out, progress=False)
+    assert [r["key"] for r in read_rows(out)] == frame["key"].tolist()
+    monkeypatch.setattr(sweep, "run_cell", lambda c: pytest.fail("a finished cell ran again"))
+    assert run(Grid(**TINY), out=out, resume=True, progress=False)["verdict"].tolist() == [
+        "healthy", "healthy"
+    ]  # fmt: skip
