@@ -46,7 +46,7 @@ SWEEPS = [
             bits=[2, 8],
             group_sizes=[32, 128],
             plans=["only_first:1"],
-            metrics=["verdict", "perplexity"],
+            metrics=["verdict", "perplexity", "mib"],
         )
         print(len(grid), "cells")""",
     ),
@@ -84,6 +84,19 @@ SWEEPS = [
         from qviz.views.sweep_plots import sweep_heatmaps
 
         show(sweep_heatmaps(frame))""",
+    ),
+    (
+        "md",
+        """\
+        Weight memory against perplexity, one point per cell coloured by its verdict; the grey
+        line is the Pareto front (no other cell has both less memory and lower perplexity).""",
+    ),
+    (
+        "code",
+        """\
+        from qviz.views.sweep_plots import sweep_pareto
+
+        show(sweep_pareto(frame, quality="perplexity"))""",
     ),
     (
         "md",

@@ -247,3 +247,24 @@ def test_parquet_out_streams_and_resumes(tmp_path, monkeypatch):
     assert run(Grid(**TINY), out=out, resume=True, progress=False)["verdict"].tolist() == [
         "healthy", "healthy"
     ]  # fmt: skip
+
+
+def test_pareto_front_and_figure():
+    import pandas as pd
+    from bokeh.embed import json_item
+
+    from qviz.views.sweep_plots import pareto_front, sweep_pareto
+
+    # (mib, perplexity): b is beaten by c (less memory, lower perplexity)
+    mib, ppl = [10.0, 30.0, 20.0, 40.0], [900.0, 50.0, 40.0, 20.0]
+    assert pareto_front(mib, ppl, higher_is_better=False) == [0, 2, 3]
+    assert pareto_front(mib, [0.1, 0.3, 0.4, 0.9], higher_is_better=True) == [0, 2, 3]
+    frame = pd.DataFrame(
+        {"plan_label": list("abcd"), "mib": mib, "perplexity": ppl, "error": [None] * 4,
+         "verdict": ["computation collapse", "healthy", "healthy", "healthy"]}
+    )  # fmt: skip
+    fig = sweep_pareto(frame)
+    assert fig.select_one({"name": "qviz_sweep_pareto"}).data["label"] == list("abcd")
+    json_item(fig)
+    with pytest.raises(ValueError, match="'facts'"):
+        sweep_pareto(frame, quality="facts")

@@ -75,3 +75,55 @@ def sweep_heatmaps(frame: pd.DataFrame, plan: str | None = None, size: int = 260
         )
         figs.append(fig)
     return row(*figs)
+
+
+def pareto_front(mib: list[float], quality: list[float], higher_is_better: bool) -> list[int]:
+    """Indices of the cells no other cell beats on both memory (less) and quality, by memory."""
+    sign = 1.0 if higher_is_better else -1.0
+    order = sorted(range(len(mib)), key=lambda i: (mib[i], -sign * quality[i]))
+    front, best = [], -float("inf")
+    for i in order:
+        if sign * quality[i] > best:
+            front.append(i)
+            best = sign * quality[i]
+    return front
+
+
+def sweep_pareto(frame: pd.DataFrame, quality: str = "perplexity", height: int = 300,
+                 width: int = 460):  # fmt: skip
+    """Weight memory (x, MiB; the ``mib`` metric) vs ``quality`` (y: perplexity, lower is
+    better, on a log axis; or facts / cka, higher is better), one point per finished cell
+    coloured by verdict, the Pareto front as a line."""
+    for col in ("mib", quality):
+        if col not in frame:
+            raise ValueError(f"the sweep has no {col!r} column: add it to the grid's metrics")
+    ok = frame[frame["error"].isna() & frame["mib"].notna() & frame[quality].notna()]
+    verdict = ok["verdict"] if "verdict" in ok else pd.Series(["-"] * len(ok), index=ok.index)
+    data = {
+        "mib": ok["mib"].astype(float).tolist(),
+        "q": ok[quality].astype(float).tolist(),
+        "label": ok["plan_label"].tolist() if "plan_label" in ok else ok["plan"].tolist(),
+        "verdict": verdict.tolist(),
+        "color": [VERDICT_COLORS.get(v, "#777777") for v in verdict],
+    }
+    front = pareto_front(data["mib"], data["q"], higher_is_better=quality != "perplexity")
+    fig = figure(
+        title=f"Memory vs {quality}", height=height, width=width, tools=TOOLS,
+        y_axis_type="log" if quality == "perplexity" else "linear", toolbar_location="above",
+    )  # fmt: skip
+    fig.line([data["mib"][i] for i in front], [data["q"][i] for i in front], color="#999999")
+    src = ColumnDataSource(data, name="qviz_sweep_pareto")
+    fig.scatter("mib", "q", source=src, size=10, fill_color="color", line_color="black")
+    fig.xaxis.axis_label = "weight memory (MiB)"
+    fig.yaxis.axis_label = quality
+    fig.add_tools(
+        HoverTool(
+            tooltips=[
+                ("plan", "@label"),
+                ("verdict", "@verdict"),
+                ("MiB", "@mib{0.0}"),
+                (quality, "@q{0.000}"),
+            ]
+        )  # fmt: skip
+    )
+    return fig
