@@ -268,3 +268,14 @@ def test_pareto_front_and_figure():
     json_item(fig)
     with pytest.raises(ValueError, match="'facts'"):
         sweep_pareto(frame, quality="facts")
+
+
+def test_connect_local_and_close():
+    client = sweep.connect("local:2")
+    try:
+        assert len(client.scheduler_info(n_workers=-1)["workers"]) == 2
+        assert set(client.nthreads().values()) == {1}
+    finally:
+        sweep.close(client)
+    assert client.status == "closed"
+    assert sweep.connect("none") is None
