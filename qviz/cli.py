@@ -1,4 +1,4 @@
-"""The ``qviz`` command line: fetch, diagnose, serve, report, bench."""
+"""The ``qviz`` command line: fetch, diagnose, serve, report, bench, sweep."""
 
 from __future__ import annotations
 
@@ -181,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("what", choices=sorted(bench_registry()))
     p.add_argument("--model", default="smollm2-135m")
     p.set_defaults(func=cmd_bench)
+    from qviz.sweep import add_sweep_parser
+
+    add_sweep_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

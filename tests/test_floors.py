@@ -24,6 +24,7 @@ FLOORS = {
     "qviz.widgets": 9,
     "qviz.report": 9,
     "qviz.app": 9,
+    "qviz.sweep": 9,
     "qviz.bench": 10,
     "qviz.cli": 10,
     "qviz": 10,  # the package's __init__ re-exports the API
