@@ -24,6 +24,7 @@ untested (the self-check above keeps a mismatching kernel out).
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import queue
@@ -106,6 +107,7 @@ class _Fused:
         self.worker: threading.Thread | None = None
         self.compiled: dict[_Key, object] = {}
         self.scalars: dict[tuple, tuple] = {}
+        self.stopping = False
 
     def _fn(self, key: _Key):
         """The compiled kernel of ``key``: one static-shape graph per layout, each on its own
@@ -132,13 +134,27 @@ class _Fused:
                 self.worker.start()
         self.jobs.put(key)
 
+    def stop(self) -> None:
+        """End the worker (at exit: a worker killed mid-call aborts the process in C++)."""
+        self.stopping = True
+        worker = self.worker
+        if worker is not None and worker.is_alive():
+            self.jobs.put(None)
+            worker.join(timeout=30)
+
     def _work(self) -> None:
         while True:
             key = self.jobs.get()
+            if key is None:
+                self.jobs.task_done()
+                return
             try:
-                with self.lock:
-                    self._compile(key)
+                if not self.stopping:
+                    with self.lock:
+                        self._compile(key)
             except Exception as err:  # no compiler, an inductor bug: eager from now on
+                if self.stopping:  # the interpreter is shutting down under the compiler
+                    continue
                 self.broken = f"{type(err).__name__}: {err}"
                 log.warning("qviz: fused RTN kernel unavailable, using eager: %s", self.broken)
             finally:
@@ -181,6 +197,7 @@ class _Fused:
 
 
 _FUSED = _Fused()
+atexit.register(lambda: _FUSED.stop())
 
 
 def _key(w: torch.Tensor, g: int, symmetric: bool) -> _Key:
