@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from qviz import bench
@@ -86,3 +87,19 @@ def test_quant_figures_on_a_tiny_model(capsys):
     assert r["fused"]["bad"] == 0
     out = capsys.readouterr().out
     assert "clone floor" in out and "fused" in out and "re-select" in out
+
+
+def test_fair_per_cell_loop_equals_the_batched_grid():
+    """bench trace's fair baseline (last-position logits only) traces the same grid."""
+    from qviz import Lab, QuantConfig, QuantPlan
+    from tests.conftest import CharTokenizer
+
+    lab = Lab(tiny_llama(), CharTokenizer())
+    plan = QuantPlan.uniform(QuantConfig(2, 32))
+    prompt, target = "abcdefg", 5
+    batched = lab.trace(prompt, target, plan)
+    fair, seconds = bench.fair_per_cell(lab, prompt, target, plan)
+    assert seconds > 0 and fair.shape == batched.prob.shape == (3, 7)
+    assert np.allclose(fair, batched.prob, atol=1e-5)
+    loop = lab.trace(prompt, target, plan, method="per_cell")
+    assert np.allclose(fair, loop.prob, atol=1e-6)
