@@ -108,6 +108,7 @@ class _Fused:
         self.compiled: dict[_Key, object] = {}
         self.scalars: dict[tuple, tuple] = {}
         self.stopping = False
+        self.refused: set[_Key] = set()  # ready, but its guards failed in a caller's state
 
     def _fn(self, key: _Key):
         """The compiled kernel of ``key``: one static-shape graph per layout, each on its own
@@ -190,8 +191,18 @@ class _Fused:
             return None
         try:
             shape, strides, dtype, device, g, symmetric = key
-            with torch.no_grad():
+            # never compile here: a guard that fails (another global state) means eager
+            with (
+                torch.inference_mode(False),
+                torch.no_grad(),
+                torch.compiler.set_stance("fail_on_recompile"),
+            ):
                 return self._fn(key)(w, g, *self.scalars_for(bits, symmetric, device), symmetric)
+        except Exception as err:
+            if key not in self.refused:
+                self.refused.add(key)
+                log.info("qviz: fused RTN would recompile for %s (%s); eager", key, err)
+            return None
         finally:
             self.lock.release()
 

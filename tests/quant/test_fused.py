@@ -126,3 +126,18 @@ def test_a_mismatching_kernel_is_kept_out(monkeypatch):
     assert fused.wait(timeout=600)
     assert fused.status()["bad"] == 1 and not fused.is_ready(w, cfg)
     assert torch.equal(fused.fake_quantize(w, cfg), eager(w, cfg))
+
+
+def test_callers_grad_modes_never_compile_in_the_foreground():
+    w = _weight((6, 64), torch.float32, seed=9)
+    cfg = QuantConfig(5, 32)
+    key = fused._key(w, 32, False)
+    _compiled(w, cfg)
+    for mode in (torch.inference_mode, torch.enable_grad, torch.no_grad):
+        with mode():
+            out = fused._FUSED.run(w, key, cfg.bits)
+            assert out is not None and torch.equal(out, eager(w, cfg)), mode
+    with torch.inference_mode():
+        wi = w.clone()  # an inference tensor: other guards, so eager rather than a compile here
+    assert fused._FUSED.run(wi, key, cfg.bits) is None
+    assert torch.equal(fused.fake_quantize(wi, cfg), eager(w, cfg))
