@@ -15,7 +15,9 @@ checked* runs the fused kernel, any other key runs today's eager ``fake_quantize
 for the worker. The worker (one daemon thread) compiles the key on a random weight of the same
 layout, then checks the kernel against the eager formula bit for bit at every bit-width 2..8
 (with a constant row: zero range); a key that differs stays eager (logged once). If the compiler
-fails (no C++ compiler, no Triton), the failure is logged once and everything stays eager.
+fails (no C++ compiler, no Triton), the failure is logged once and everything stays eager. A
+caller's thread never compiles: the kernel runs under ``set_stance("fail_on_recompile")`` (and
+outside inference mode), and a guard that fails there (e.g. an inference tensor) means eager.
 Compiled kernels persist in inductor's on-disk cache, so a later process compiles in seconds.
 
 ``QVIZ_FUSED=0`` forces the eager path (debugging). Written device-agnostic; on CUDA it is
