@@ -125,7 +125,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from qviz import bench
 
-    return bench.run(args.what, model=args.model)
+    return bench.run(args.what, model=args.model, json_out=args.json)
 
 
 def method_names() -> list[str]:
@@ -133,12 +133,6 @@ def method_names() -> list[str]:
     from qviz.quant.methods import METHODS
 
     return list(METHODS)
-
-
-def bench_registry() -> dict:
-    from qviz.bench import BENCHES
-
-    return BENCHES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--png", metavar="DIR", help="also export PNG screenshots (needs chromium)")
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("bench", help="benchmarks that print ratios against a same-run baseline")
-    p.add_argument("what", choices=sorted(bench_registry()))
-    p.add_argument("--model", default="smollm2-135m")
+    from qviz.bench import add_arguments
+
+    add_arguments(p)  # WHAT (a benchmark or "all"), --model, --json
     p.set_defaults(func=cmd_bench)
     from qviz.sweep import add_sweep_parser
 
