@@ -112,3 +112,13 @@ def test_plan_of_round_trips():
 def test_split_text_is_disjoint():
     calib, ev = P.split_text()
     assert calib and ev and calib not in ev and ev[:200] not in calib
+
+
+def test_embedded_at_3_5_bits_beats_uniform_3bit(lab):
+    """SmolLM2-135M: within 3.5 bits/weight and a lower held-out perplexity than uniform rtn3."""
+    rx = lab.prescribe(3.5, candidates=(2, 3, 4), n_calib_tokens=128, baselines=False, check=False)
+    fp = footprint(lab.model, rx.plan, include_embeddings=False)
+    assert fp.effective_bits <= 3.5 + 1e-12
+    held = P.split_text()[1][:3000]
+    uniform3 = QuantPlan.uniform(QuantConfig(3, 128))
+    assert lab.perplexity(rx.plan, text=held) < lab.perplexity(uniform3, text=held)
