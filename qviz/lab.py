@@ -332,3 +332,12 @@ class Lab:
         from qviz.studies.memory import memory_table
 
         return memory_table(self, plans, n_facts=n_facts, cancel=cancel)
+
+    # prescription -------------------------------------------------------------------------------
+    def prescribe(self, budget_bits: float, **kw):
+        """Prescription: the least-KL per-layer plan within ``budget_bits`` decoder bits/weight.
+        Keywords: methods=("rtn",), candidates=(2, 3, 4, 8), objective="kl", group_size=128,
+        cancel=None and the search/baseline options of ``qviz.studies.prescribe.prescribe``."""
+        from qviz.studies.prescribe import prescribe
+
+        return prescribe(self, budget_bits, **kw)

@@ -444,3 +444,58 @@ class MemoryTable:
     def row(self, plan_label: str) -> dict | None:
         """The row of ``plan_label`` (None when absent)."""
         return next((r for r in self.rows if r["plan"] == plan_label), None)
+
+
+@dataclass
+class Prescription:
+    """The per-layer plan ``Lab.prescribe`` chose under a bits-per-weight budget.
+
+    plan: the QuantPlan; choice [L] / bits [L]: each decoder layer's option label and bits;
+    effective_bits: the plan's decoder bits per weight (scales included, no embeddings);
+    sensitivity: [L, n_options] KL increase with only that layer quantized (calibration text);
+    predicted_kl: the sum the allocation minimized; calib_kl: the plan's measured joint KL;
+    forward_passes: forwards the search spent (reference, sensitivity, the plan's own KL);
+    verdict: the check on a bundled fact prompt (None when skipped); baselines: one row per
+    plan scored on held-out text (kind, plan, effective_bits, calib_kl, perplexity,
+    fact_accuracy, forward_passes), the prescribed plan first.
+    """
+
+    plan: object
+    budget_bits: float
+    options: list[str]
+    choice: list[str]
+    bits: list[int]
+    effective_bits: float
+    sensitivity: pd.DataFrame
+    predicted_kl: float
+    calib_kl: float
+    forward_passes: int
+    verdict: Verdict | None = None
+    baselines: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per decoder layer: the chosen option, its bits and its sensitivity."""
+        kl = [float(self.sensitivity.iloc[i][c]) for i, c in enumerate(self.choice)]
+        return pd.DataFrame(
+            {
+                "layer": np.arange(len(self.choice)),
+                "option": self.choice,
+                "bits": self.bits,
+                "kl_increase": kl,
+            }
+        )
+
+    def comparison(self) -> pd.DataFrame:
+        """The baselines frame with, per row, how much the prescription beats it: perplexity
+        ratio (baseline / prescribed, > 1 = prescription better) and accuracy gain (points)."""
+        df = self.baselines.copy()
+        if df.empty:
+            return df
+        me = df.iloc[0]
+        df["ppl_ratio_vs_prescribed"] = df["perplexity"] / me["perplexity"]
+        df["acc_gain_of_prescribed"] = me["fact_accuracy"] - df["fact_accuracy"]
+        df["prescribed_beats"] = (df["perplexity"] > me["perplexity"]) & (
+            df["fact_accuracy"] <= me["fact_accuracy"]
+        )
+        df.loc[df.index[0], "prescribed_beats"] = False
+        return df

@@ -1,0 +1,124 @@
+"""Lab.prescribe: budget as the footprint counts it, determinism, exact allocation, bad input."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from qviz import Lab
+from qviz.quant.config import QuantConfig, QuantPlan
+from qviz.quant.memory import footprint
+from qviz.studies import prescribe as P
+from tests.conftest import CharTokenizer, tiny_llama
+
+FAST = {"n_calib_tokens": 64, "window": 32, "baselines": False, "check": False}
+
+
+@pytest.fixture(scope="module")
+def tiny_lab():
+    return Lab(tiny_llama(), CharTokenizer(), name="tiny")
+
+
+@pytest.mark.parametrize("budget", [3.0, 3.4, 4.5, 9.0])
+def test_plan_respects_budget_as_footprint_counts(tiny_lab, budget):
+    rx = tiny_lab.prescribe(budget, candidates=(2, 3, 4, 8), group_size=32, **FAST)
+    fp = footprint(tiny_lab.model, rx.plan, include_embeddings=False)
+    assert fp.effective_bits <= budget + 1e-12
+    assert rx.effective_bits == pytest.approx(fp.effective_bits)
+    for i, b in enumerate(rx.bits):
+        cfg = rx.plan.config_for(i)
+        assert cfg is not None and cfg.bits == b
+    assert rx.forward_passes == 1 + 3 * 4 + 1  # reference, L x options, the plan itself
+    assert list(rx.sensitivity.columns) == rx.options and len(rx.sensitivity) == 3
+    assert len(rx.to_frame()) == 3
+
+
+def test_deterministic(tiny_lab):
+    a = tiny_lab.prescribe(3.7, group_size=32, **FAST)
+    b = tiny_lab.prescribe(3.7, group_size=32, **FAST)
+    assert a.plan == b.plan
+    np.testing.assert_array_equal(a.sensitivity.to_numpy(), b.sensitivity.to_numpy())
+
+
+def test_more_budget_never_predicts_worse(tiny_lab):
+    first = tiny_lab.prescribe(3.0, group_size=32, **FAST)
+    kls = [
+        tiny_lab.prescribe(b, group_size=32, sensitivity=first.sensitivity, **FAST).predicted_kl
+        for b in (3.0, 3.5, 4.5, 9.0)
+    ]
+    assert all(x >= y - 1e-15 for x, y in itertools.pairwise(kls))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_allocation_equals_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    n_layers, n_opts = 4, 3
+    base = rng.integers(50, 150, size=n_layers)[:, None]
+    costs = base * np.array([2.25, 3.25, 8.25])[None, :] + rng.integers(0, 5, (n_layers, n_opts))
+    kl = np.sort(rng.random((n_layers, n_opts)), axis=1)[:, ::-1].copy()
+    kl[rng.random(kl.shape) < 0.2] *= 3  # not always monotone
+    for frac in (0.3, 0.5, 0.8):
+        budget = costs.min(1).sum() + frac * (costs.max(1).sum() - costs.min(1).sum())
+        choice, val = P.allocate(costs, kl, budget)
+        ref_choice, ref_val = P.brute_force(costs, kl, budget)
+        assert val == pytest.approx(ref_val)
+        assert sum(costs[i, c] for i, c in enumerate(choice)) <= budget
+        assert sum(kl[i, c] for i, c in enumerate(choice)) == pytest.approx(val)
+
+
+def test_greedy_stays_in_budget(tiny_lab):
+    opts = P.options_of(("rtn",), (2, 4, 8), 32)
+    costs = P.layer_costs(tiny_lab, opts)
+    meter = P.KLMeter(tiny_lab, P.calibration_ids(tiny_lab, P.split_text()[0], 64, 32))
+    budget = 5.0 * P.decoder_params(tiny_lab)
+    choice = P.greedy_search(meter, costs, opts, budget)
+    assert costs[np.arange(3), choice].sum() <= budget
+    assert meter.forward_passes > 2
+
+
+def test_baselines_frame(tiny_lab):
+    rx = tiny_lab.prescribe(
+        4.5, group_size=32, n_calib_tokens=64, window=32, n_facts=8, eval_chars=600
+    )
+    df = rx.comparison()
+    assert df.iloc[0]["kind"] == "prescribed"
+    assert {"uniform", "greedy-kl", "full precision"} <= set(df["kind"])
+    assert (df.loc[df["kind"] != "full precision", "effective_bits"] <= 4.5 + 1e-12).all()
+    assert rx.verdict is not None and rx.verdict.mode
+
+
+def test_bad_inputs(tiny_lab):
+    with pytest.raises(ValueError, match=r"budget_bits=2.5.*below 3 bits.*rtn2-g32"):
+        tiny_lab.prescribe(2.5, group_size=32, **FAST)
+    with pytest.raises(ValueError, match="budget_bits=17.*above 16"):
+        tiny_lab.prescribe(17, **FAST)
+    with pytest.raises(ValueError, match="candidates is empty"):
+        tiny_lab.prescribe(4, candidates=(), **FAST)
+    with pytest.raises(ValueError, match="candidate bits 1"):
+        tiny_lab.prescribe(4, candidates=(1, 4), **FAST)
+    with pytest.raises(ValueError, match="objective"):
+        tiny_lab.prescribe(4, objective="mse", **FAST)
+
+
+def test_plan_of_round_trips():
+    opts = [QuantConfig(2, 32), QuantConfig(4, 32), None]
+    plan = P.plan_of([1, 0, 1, 2], opts)
+    assert isinstance(plan, QuantPlan)
+    assert [plan.config_for(i) for i in range(4)] == [opts[1], opts[0], opts[1], None]
+
+
+def test_split_text_is_disjoint():
+    calib, ev = P.split_text()
+    assert calib and ev and calib not in ev and ev[:200] not in calib
+
+
+def test_embedded_at_3_5_bits_beats_uniform_3bit(lab):
+    """SmolLM2-135M: within 3.5 bits/weight and a lower held-out perplexity than uniform rtn3."""
+    rx = lab.prescribe(3.5, candidates=(2, 3, 4), n_calib_tokens=128, baselines=False, check=False)
+    fp = footprint(lab.model, rx.plan, include_embeddings=False)
+    assert fp.effective_bits <= 3.5 + 1e-12
+    held = P.split_text()[1][:3000]
+    uniform3 = QuantPlan.uniform(QuantConfig(3, 128))
+    assert lab.perplexity(rx.plan, text=held) < lab.perplexity(uniform3, text=held)
