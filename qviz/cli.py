@@ -128,6 +128,52 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench.run(args.what, model=args.model, json_out=args.json)
 
 
+def cmd_prescribe(args: argparse.Namespace) -> int:
+    """The least-KL per-layer plan within --budget bits/weight and its comparison."""
+    from qviz import Lab
+    from qviz.studies.prescribe import check_budget
+
+    try:  # a budget above 16 is refused before the model loads (below: once costs are known)
+        check_budget(args.budget, 0.0, "")
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    lab = Lab.load(args.model)
+    try:
+        rx = lab.prescribe(
+            args.budget,
+            methods=tuple(args.method or ["rtn"]),
+            candidates=tuple(args.candidates),
+            group_size=args.group_size or None,
+            greedy=args.greedy,
+            n_facts=args.facts,
+        )
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    cmp = rx.comparison()
+    verdict = rx.verdict.mode if rx.verdict else None
+    if args.json:
+        out = {
+            "budget_bits": rx.budget_bits,
+            "plan": rx.plan.label,
+            "bits": rx.bits,
+            "effective_bits": rx.effective_bits,
+            "verdict": verdict,
+            "forward_passes": rx.forward_passes,
+            "comparison": json.loads(cmp.to_json(orient="records")),
+        }
+        print(json.dumps(out, indent=1))
+    else:
+        print(
+            f"budget {rx.budget_bits} bits/weight -> {rx.effective_bits:.4f}, "
+            f"verdict {verdict or '-'}, {rx.forward_passes} forward passes"
+        )
+        print("bits per layer:", " ".join(map(str, rx.bits)))
+        print(cmp.to_string(index=False))
+    return 0
+
+
 def method_names() -> list[str]:
     """The quantization methods to choose from: the registry's names."""
     from qviz.quant.methods import METHODS
@@ -160,6 +206,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--address", default="127.0.0.1", help="interface to bind (default local)")
     p.add_argument("--show", action="store_true", help="open a browser tab")
     p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("prescribe", help="least-KL per-layer plan within a bits/weight budget")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--budget", type=float, required=True, help="decoder bits per weight")
+    p.add_argument("--method", action="append", choices=method_names(), help="repeatable (rtn)")
+    p.add_argument("--candidates", type=_bits, default=[2, 3, 4, 8])
+    p.add_argument("--group-size", type=int, default=128, help="0 = per output channel")
+    p.add_argument("--facts", type=int, default=100, help="held-out facts per baseline")
+    p.add_argument("--greedy", action="store_true", help="also the greedy KL search (slow)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_prescribe)
     p = sub.add_parser("report", help="standalone HTML report of every view per bit-width")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--bits", type=_bits, default=[2, 3, 4, 8])

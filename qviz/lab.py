@@ -17,7 +17,14 @@ from qviz.models.load import load_model
 from qviz.probes.capture import Capture
 from qviz.quant.config import QuantPlan
 from qviz.quant.engine import engine_for
-from qviz.results import Comparison, Evaluation, Isolation, PatchGrid, RepairReport
+from qviz.results import (
+    Comparison,
+    Evaluation,
+    Isolation,
+    PatchGrid,
+    Prescription,
+    RepairReport,
+)
 from qviz.studies import compare as _compare
 from qviz.studies import evaluate as _evaluate
 from qviz.studies import repair as _repair
@@ -334,7 +341,7 @@ class Lab:
         return memory_table(self, plans, n_facts=n_facts, cancel=cancel)
 
     # prescription -------------------------------------------------------------------------------
-    def prescribe(self, budget_bits: float, **kw):
+    def prescribe(self, budget_bits: float, **kw) -> Prescription:
         """Prescription: the least-KL per-layer plan within ``budget_bits`` decoder bits/weight.
         Keywords: methods=("rtn",), candidates=(2, 3, 4, 8), objective="kl", group_size=128,
         cancel=None and the search/baseline options of ``qviz.studies.prescribe.prescribe``."""

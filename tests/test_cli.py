@@ -56,3 +56,16 @@ def test_diagnose_refuses_a_bit_width_outside_2_to_8():
     assert out.returncode == 2  # argparse refuses it before the model loads
     assert "--bits takes bit-widths in 2..8" in out.stderr and "[9]" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_prescribe_refuses_a_budget_above_16_before_loading():
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "qviz.cli", "prescribe", "--budget", "17"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
+    assert out.returncode == 2 and "above 16 bits per weight" in out.stderr
+    assert "Traceback" not in out.stderr
