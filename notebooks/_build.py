@@ -1186,11 +1186,10 @@ PRESCRIPTION = [
 
         More budget buys bits first where the sensitivity table says they matter most.""",
     ),
+    ("code", BOKEH_SETUP),
     (
         "code",
-        BOKEH_SETUP
-        + """
-
+        """
         from bokeh.layouts import column
         from bokeh.plotting import figure
 
