@@ -43,29 +43,23 @@ def test_bad_arguments_exit_2_naming_the_input(argv, message, capsys):
     assert message in err and "Traceback" not in err
 
 
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """``python -m qviz.cli ARGS`` in a fresh process, offline; its exit code and output."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "qviz.cli", *args], capture_output=True, text=True, cwd=ROOT, env=env
+    )
+
+
 @pytest.mark.model
 def test_diagnose_refuses_a_bit_width_outside_2_to_8():
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run(
-        [sys.executable, "-m", "qviz.cli", "diagnose", "--bits", "9"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-    )
+    out = run_cli("diagnose", "--bits", "9")
     assert out.returncode == 2  # argparse refuses it before the model loads
     assert "--bits takes bit-widths in 2..8" in out.stderr and "[9]" in out.stderr
     assert "Traceback" not in out.stderr
 
 
 def test_prescribe_refuses_a_budget_above_16_before_loading():
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run(
-        [sys.executable, "-m", "qviz.cli", "prescribe", "--budget", "17"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-    )
+    out = run_cli("prescribe", "--budget", "17")
     assert out.returncode == 2 and "above 16 bits per weight" in out.stderr
     assert "Traceback" not in out.stderr
