@@ -1,0 +1,110 @@
+"""compare() benchmarks: its time against plain forwards, and its peak memory by prompt length."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from qviz.bench.timing import median_time
+
+
+def bench_compare(model_name: str = "smollm2-135m") -> dict:
+    """A full compare() (plan cached, activations not) vs one reference + one quantized forward."""
+    import torch
+
+    from qviz import Lab, QuantConfig, QuantPlan, metrics
+
+    lab = Lab.load(model_name)
+    prompt = "The Eiffel Tower is located in the city of"
+    plan = QuantPlan.uniform(QuantConfig(bits=4))
+    lab.engine.materialize(plan)
+    ids = lab.encode(prompt)
+
+    def plain():
+        with torch.no_grad():
+            for p in (QuantPlan.none(), plan):
+                with lab.quantized(p):
+                    lab.model(ids, use_cache=False)
+
+    def full():
+        lab._acts.clear()
+        lab.compare(prompt, " Paris", plan)
+
+    plain()
+    full()
+    t_plain, t_full = median_time(plain), median_time(full)
+    print(f"qviz bench compare: {model_name}, {ids.shape[1]} tokens, 4-bit plan cached")
+    print(
+        f"  compare() {t_full * 1e3:.1f} ms | 2 plain forwards {t_plain * 1e3:.1f} ms "
+        f"| ratio {t_full / t_plain:.2f}x (target <= 2x)"
+    )
+    cap = lab.activations(prompt, plan)
+    t_cka = median_time(lambda: metrics.cka_matrix(cap.resid, cap.resid), repeat=20)
+    n = cap.resid.shape[0]
+    print(f"  CKA of all {n}x{n} layer pairs alone: {t_cka * 1e3:.2f} ms (target <= 10 ms)")
+    return {
+        "ratio": t_full / t_plain,
+        "ratio_of": "compare() / 2 plain forwards",
+        "compare_ms": t_full * 1e3,
+        "plain_ms": t_plain * 1e3,
+        "cka_ms": t_cka * 1e3,
+    }
+
+
+_MEMORY_CHILD = """
+import json, sys, torch
+from qviz import Lab, QuantConfig, QuantPlan
+from qviz.data import load_text
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+n, name = int(sys.argv[1]), sys.argv[2]
+lab = Lab.load(name, device="cpu")
+lab.max_prompt_tokens = 4 * n
+ids = lab.tokenizer(load_text(), add_special_tokens=False).input_ids[:n]
+prompt = lab.tokenizer.decode(ids)
+model_bytes = sum(p.numel() * p.element_size() for p in lab.model.parameters())
+plan = QuantPlan.uniform(QuantConfig(bits=4, group_size=128))
+lab.engine.materialize(plan)  # the plan's weights: the engine's cache, not compare's
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak (VmHWM) to the current resident set
+base = status("VmRSS")
+cmp = lab.compare(prompt, " the", plan)
+peak = status("VmHWM")
+print(json.dumps({"tokens": int(lab.encode(prompt).shape[1]), "model": model_bytes,
+                  "base": base, "peak": peak}))
+"""
+
+
+def bench_memory(model_name: str = "smollm2-135m") -> dict:
+    """Peak resident memory of ``Lab.compare`` at 64, 256 and 1,024 prompt tokens (each in a
+    fresh process), next to the model's own size; target: at most 1 GB above the model's process
+    at 1,024 tokens. The plan's quantized weights are materialized before the peak is reset."""
+
+    rows = []
+    print(f"qviz bench memory: {model_name}, Lab.compare (4-bit g128 rtn, with isolation)")
+    for n in (64, 256, 1024):
+        out = (
+            subprocess.run(
+                [sys.executable, "-c", _MEMORY_CHILD, str(n), model_name],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
+        r = json.loads(out)
+        gib = 1 << 30
+        above = (r["peak"] - r["base"]) / gib
+        print(
+            f"  {r['tokens']:5d} tokens: peak RSS {r['peak'] / gib:.2f} GiB, before compare "
+            f"{r['base'] / gib:.2f} GiB (model {r['model'] / gib:.2f} GiB + its plan + runtime): "
+            f"compare adds {above:.2f} GiB | target <= 1 GiB at 1,024 tokens | "
+            f"ratio to target {above:.2f}x"
+        )
+        rows.append({"tokens": r["tokens"], "added_gib": above, "peak_gib": r["peak"] / gib})
+    return {"ratio": rows[-1]["added_gib"], "ratio_of": "GiB added / 1 GiB target", "rows": rows}

@@ -1,0 +1,84 @@
+"""Causal tracing: the batched grid against a fair one-forward-per-cell loop."""
+
+from __future__ import annotations
+
+import time
+
+
+def fair_per_cell(lab, prompt: str, target: str, plan) -> tuple[object, float]:
+    """The fair baseline of causal tracing ("resid", restore): the quantized and reference runs,
+    then one forward per cell that computes the last position's logits only, as a plain loop
+    would. Returns (prob [L, T], seconds). Uses the probes' own per-cell patch, one cell a call.
+    """
+    import numpy as np
+    import torch
+
+    from qviz.probes.patch import _cells, _generic_grid, run_cache
+    from qviz.quant import QuantPlan
+
+    t0 = time.perf_counter()
+    ids, tid = lab.encode(prompt), lab.target_id(target)
+    with lab.engine.quantized(plan):
+        run_cache(lab.model, lab.adapter, ids, tid, kv=True)
+    with lab.engine.quantized(QuantPlan.none()):
+        ref = run_cache(lab.model, lab.adapter, ids, tid)
+    n_layers = lab.adapter.n_layers(lab.model)
+    grid = np.full((n_layers, ids.shape[1]), np.nan)
+    with lab.engine.quantized(plan), torch.no_grad():
+        for c in _cells(n_layers, ids.shape[1], 1, None, None):
+            vals = _generic_grid(lab.model, lab.adapter, ids, ref, tid, "resid", [c], 1)
+            grid[c[0], c[1]] = vals[(c[0], c[1])]
+    return grid, time.perf_counter() - t0
+
+
+def bench_trace(model_name: str = "smollm2-135m") -> dict:
+    """The full "resid" causal-tracing grid at 4 bits g128: batched vs one forward per cell
+    (last-position logits only: the fair loop; and the full-logits loop, the old baseline)."""
+    import numpy as np
+    import torch
+
+    from qviz import Lab, QuantConfig, QuantPlan
+
+    lab = Lab.load(model_name)
+    prompt, target = "The Eiffel Tower is located in the city of", " Paris"
+    plan = QuantPlan.uniform(QuantConfig(bits=4, group_size=128))
+    lab.engine.materialize(plan)
+    n_tok = lab.encode(prompt).shape[1]
+    print(
+        f"qviz bench trace: {model_name}, {n_tok} tokens x {lab.n_layers} layers, 4-bit g128, "
+        f"component resid, torch threads {torch.get_num_threads()}"
+    )
+    lab.trace(prompt, target, plan)  # warm-up
+    t = time.perf_counter()
+    batched = lab.trace(prompt, target, plan)
+    t_batched = time.perf_counter() - t
+    fair, t_fair = fair_per_cell(lab, prompt, target, plan)
+    t = time.perf_counter()
+    loop = lab.trace(prompt, target, plan, method="per_cell")
+    t_loop = time.perf_counter() - t
+    diff = float(np.max(np.abs(batched.prob - loop.prob)))
+    diff_fair = float(np.max(np.abs(batched.prob - fair)))
+    print(
+        f"  batched grid {t_batched:.2f} s | fair per-cell loop (last-position logits) "
+        f"{t_fair:.2f} s ({batched.prob.size} forwards) | ratio {t_fair / t_batched:.1f}x "
+        f"(target >= 20x)"
+    )
+    print(
+        f"  old baseline, per-cell loop with full logits {t_loop:.2f} s | ratio "
+        f"{t_loop / t_batched:.1f}x"
+    )
+    print(
+        f"  max |batched - per-cell| = {max(diff, diff_fair):.2e} (must be <= 1e-4: "
+        f"{'equal' if max(diff, diff_fair) <= 1e-4 else 'NOT EQUAL'}); p_reference "
+        f"{batched.p_reference:.4f}, p_quantized {batched.p_quantized:.4f}, best recovery "
+        f"{batched.best_recovery:.3f} at (layer, position) {batched.best_cell}"
+    )
+    return {
+        "ratio": t_fair / t_batched,
+        "ratio_of": "fair per-cell loop (last-position logits) / batched grid",
+        "batched_s": t_batched,
+        "fair_per_cell_s": t_fair,
+        "full_logits_per_cell_s": t_loop,
+        "full_logits_ratio": t_loop / t_batched,
+        "max_diff": max(diff, diff_fair),
+    }
