@@ -279,3 +279,69 @@ def test_connect_local_and_close():
         sweep.close(client)
     assert client.status == "closed"
     assert sweep.connect("none") is None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.model
+def test_cli_on_a_real_tcp_cluster(serial, tmp_path):
+    """`dask scheduler` and `dask worker` as their own processes (as on a cluster, here bound to
+    127.0.0.1), `qviz sweep --scheduler tcp://...` as a third: the same rows as in-process."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    _, ref = serial
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1"]
+            + ["--port", str(port), "--dashboard-address", ":0"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    ]
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # wait for the scheduler to listen (a join-style guard, not a timing test)
+            try:
+                sweep.close(sweep.connect(address, timeout=2))
+                break
+            except ConnectionError:
+                assert time.monotonic() < deadline, "the dask scheduler never started"
+                time.sleep(0.5)
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1"]
+                + ["--nworkers", "1", "--dashboard-address", ":0", "--host", "127.0.0.1"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        out = tmp_path / "tcp.jsonl"
+        cmd = [sys.executable, "-m", "qviz.cli", "sweep", "--models", "smollm2-135m"]
+        cmd += ["--method", "rtn", "--bits", "2,8", "--group-size", "128"]
+        cmd += ["--plans", "only_first:1", "--metrics", "verdict,perplexity"]
+        cmd += ["--scheduler", address, "--out", str(out)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-2000:]
+        rows = read_rows(out)
+        assert [r["error"] for r in rows] == [None, None]
+        workers = {r["worker"] for r in rows}
+        assert all(w.split(":")[1] != str(os.getpid()) for w in workers)  # ran on the worker
+        got = {r["key"]: r for r in rows}
+        for _, want in ref.iterrows():
+            assert got[want["key"]]["verdict"] == want["verdict"]
+            assert got[want["key"]]["perplexity"] == pytest.approx(want["perplexity"], rel=1e-4)
+    finally:
+        for p in procs[::-1]:
+            p.terminate()
+            p.wait(timeout=30)
