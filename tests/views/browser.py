@@ -10,6 +10,8 @@ import pytest
 
 from qviz.report import CHROMIUM_ARGS, find_chromium
 
+REPO = Path(__file__).resolve().parents[2]
+
 JS_CKA_FINGERPRINT = """() => {
   if (!window.Bokeh) return null;
   for (const doc of Bokeh.documents) {
@@ -35,50 +37,63 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class ServerProcess:
-    """``qviz serve`` in a subprocess on a free 127.0.0.1 port; a context manager giving the URL.
-
-    Waits until the page answers (up to ``timeout`` s); raises RuntimeError with the server's
-    output when it does not come up. The process is terminated on exit.
+class LocalServer:
+    """A server subprocess on 127.0.0.1 (``qviz serve``, JupyterLab, Voila); a context manager
+    giving ``url``. ``REPO`` is put first on PYTHONPATH and HF_HUB_OFFLINE set. It waits until
+    ``ready_url`` answers 200, or (``ready_url`` None: a GET would start a kernel) until the port
+    accepts, up to ``timeout`` s; else RuntimeError with the server's output. Terminated on exit.
     """
 
-    def __init__(self, model: str = "smollm2-135m", timeout: float = 180.0) -> None:
-        self.model = model
-        self.timeout = timeout
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/"
+    def __init__(
+        self,
+        cmd: list[str],
+        port: int,
+        url: str,
+        ready_url: str | None = None,
+        env: dict | None = None,
+        cwd: str | Path | None = None,
+        timeout: float = 180.0,
+    ) -> None:
+        self.cmd, self.port, self.url, self.ready_url = cmd, port, url, ready_url
+        self.extra_env, self.cwd, self.timeout = env or {}, cwd, timeout
         self.proc = None
         self._log = None
+
+    def _ready(self) -> bool:
+        import socket
+        import urllib.request
+
+        try:
+            if self.ready_url is None:
+                socket.create_connection(("127.0.0.1", self.port), timeout=2).close()
+                return True
+            with urllib.request.urlopen(self.ready_url, timeout=5) as r:
+                return r.status == 200
+        except OSError:
+            return False
 
     def __enter__(self) -> str:
         import os
         import subprocess
-        import sys
         import tempfile
         import time
-        import urllib.request
 
-        repo = str(Path(__file__).resolve().parents[2])
         env = dict(os.environ)
-        env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
         env.setdefault("HF_HUB_OFFLINE", "1")
+        env.update(self.extra_env)
         self._log = tempfile.TemporaryFile()
-        cmd = [sys.executable, "-m", "qviz.cli", "serve", "--model", self.model]
-        cmd += ["--port", str(self.port)]
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(
+            self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=self.cwd
+        )
         deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-            try:
-                with urllib.request.urlopen(self.url, timeout=5) as r:
-                    if r.status == 200:
-                        return self.url
-            except OSError:
-                time.sleep(0.3)
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            if self._ready():
+                return self.url
+            time.sleep(0.3)
         out = self.output()
         self.__exit__(None, None, None)
-        raise RuntimeError(f"qviz serve did not come up on {self.url}:\n{out}")
+        raise RuntimeError(f"{self.cmd[2]} did not come up on {self.url}:\n{out}")
 
     def output(self, tail: int = 4000) -> str:
         """The last ``tail`` characters the server printed."""
@@ -87,17 +102,36 @@ class ServerProcess:
         self._log.seek(0)
         return self._log.read().decode(errors="replace")[-tail:]
 
-    def __exit__(self, *exc) -> None:
+    def stop(self) -> None:
+        """Terminate the server (kill it if it does not exit); its output stays readable."""
+        import subprocess
+
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(10)
-            except Exception:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+class ServerProcess(LocalServer):
+    """``qviz serve --model MODEL`` on a free 127.0.0.1 port, ready when its page answers."""
+
+    def __init__(self, model: str = "smollm2-135m", timeout: float = 180.0) -> None:
+        import sys
+
+        self.model = model
+        port = free_port()
+        url = f"http://127.0.0.1:{port}/"
+        cmd = [sys.executable, "-m", "qviz.cli", "serve", "--model", model, "--port", str(port)]
+        super().__init__(cmd, port, url, ready_url=url, timeout=timeout)
 
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost")

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,6 +14,7 @@ import pytest
 from tests.views.browser import (
     JS_CKA_FINGERPRINT,
     TIMEOUT_MS,
+    LocalServer,
     PageRecorder,
     chromium_or_skip,
     cka_fingerprint,
@@ -48,17 +46,6 @@ JS_KERNEL_STATUS = """() => {
 }"""
 
 
-def _wait_port(port: int, proc: subprocess.Popen, log_path: Path) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=2).close()
-            return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"jupyterlab did not start:\n{log_path.read_text(errors='replace')[-3000:]}")
-
-
 @pytest.fixture(scope="module")
 def lab_server(tmp_path_factory):
     """JupyterLab on a free 127.0.0.1 port, token off, a temp root holding the notebook."""
@@ -77,14 +64,11 @@ def lab_server(tmp_path_factory):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(values))
     env = dict(
-        os.environ,
-        PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
         JUPYTER_CONFIG_DIR=str(tmp / "config"),
         JUPYTER_RUNTIME_DIR=str(tmp / "runtime"),
         JUPYTERLAB_SETTINGS_DIR=str(settings),
         JUPYTERLAB_WORKSPACES_DIR=str(tmp / "workspaces"),
     )
-    env.setdefault("HF_HUB_OFFLINE", "1")
     port = free_port()
     cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root"]
     cmd += ["--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", f"--ServerApp.root_dir={root}"]
@@ -94,20 +78,12 @@ def lab_server(tmp_path_factory):
         "--LabApp.expose_app_in_browser=True",
         "--LabApp.check_for_updates_class=jupyterlab.handlers.announcements.NeverCheckForUpdate",
     ]
-    log_path = tmp / "server.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
-    try:
-        _wait_port(port, proc, log_path)
-        yield f"http://127.0.0.1:{port}/lab/tree/{NOTEBOOK.name}", tmp
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    log = log_path.read_text(errors="replace")
+    url = f"http://127.0.0.1:{port}/lab/tree/{NOTEBOOK.name}"
+    server = LocalServer(cmd, port, url, env=env, cwd=root, timeout=120)
+    with server:
+        yield url, tmp
+        server.stop()
+        log = server.output(tail=10**6)
     assert "Traceback" not in log, f"jupyterlab logged an exception:\n{log[-4000:]}"
 
 

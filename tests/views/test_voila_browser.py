@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.views.browser import (
+    LocalServer,
     PageRecorder,
     chromium_or_skip,
     cka_fingerprint,
@@ -43,33 +41,14 @@ def voila_url():
     chromium_or_skip()
     pytest.importorskip("voila")
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    env["JUPYTER_PATH"] = os.pathsep.join(p for p in (str(TEMPLATES), env.get("JUPYTER_PATH")) if p)
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    log = tempfile.TemporaryFile()
+    jupyter_path = os.pathsep.join(p for p in (str(TEMPLATES), os.environ.get("JUPYTER_PATH")) if p)
     cmd = [sys.executable, "-m", "voila", str(NOTEBOOK), f"--port={port}", "--no-browser"]
     cmd += ["--Voila.ip=127.0.0.1", *VOILA_ARGS]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:  # a GET would start a kernel: only wait for the port to accept
-                socket.create_connection(("127.0.0.1", port), timeout=2).close()
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            log.seek(0)
-            pytest.fail(f"voila did not start:\n{log.read().decode(errors='replace')[-3000:]}")
+    server = LocalServer(
+        cmd, port, f"http://127.0.0.1:{port}/", env={"JUPYTER_PATH": jupyter_path}, cwd=ROOT
+    )
+    with server as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def test_voila_renders_and_updates_offline(voila_url, tmp_path):
