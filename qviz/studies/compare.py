@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -41,10 +42,11 @@ if TYPE_CHECKING:
 BATCH_TOKENS = 512  # padded tokens per batched capture: ~0.4 MB of activations per token
 
 
-def weights_key(lab: Lab) -> tuple:
-    """The model's current weights, as cache keys see them: each parameter's storage and
-    version (an in-place edit bumps it; a swapped-in plan changes the storage). O(parameters)."""
-    return tuple((p.data_ptr(), p._version) for p in lab.model.parameters())
+def weights_key(lab: Lab) -> str:
+    """The model's current weights, as cache keys see them: a digest of each parameter's
+    storage and version (an in-place edit bumps it; a swapped-in plan changes the storage)."""
+    pairs = [(p.data_ptr(), p._version) for p in lab.model.parameters()]
+    return hashlib.blake2b(np.asarray(pairs, dtype=np.int64).tobytes(), digest_size=16).hexdigest()
 
 
 def _stats_of(lengths: list[int], ent: list, js: list):
