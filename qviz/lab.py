@@ -381,6 +381,15 @@ class Lab:
         per decoder layer of calibrated methods; a set ``cancel`` raises qviz.cancel.Cancelled."""
         self.engine.materialize(plan, cancel=cancel, on_progress=on_progress)
 
+    def prefetch(
+        self, plans: Sequence[QuantPlan], cancel: threading.Event | None = None
+    ) -> threading.Thread:
+        """Materialize ``plans`` in the background (e.g. the neighbouring bit-widths while the
+        dashboard is idle) within the engine's budget (``QVIZ_CACHE_BYTES``), never evicting
+        a cached plan for them; returns the started thread at once. Set ``cancel`` to stop it
+        before its next plan. See ``QuantEngine.prefetch``."""
+        return self.engine.prefetch(plans, cancel=cancel)
+
     def memory_table(self, plans, n_facts: int = 0, cancel=None):
         """MemoryTable: weight MiB, effective bits and (``n_facts`` > 0) accuracy per plan."""
         from qviz.studies.memory import memory_table

@@ -274,3 +274,34 @@ def test_compare_many_equals_compare_on_the_embedded_model(embedded):
     many = Lab(model, tok).compare_many(prompts, targets, plan)
     for p, t, got in zip(prompts, targets, many, strict=True):
         _assert_same(got, Lab(model, tok).compare(p, t, plan), atol=2e-3)
+
+
+def test_prefetch_fills_the_budget_in_the_background_and_never_evicts_the_plan_in_use():
+    import threading
+
+    lab = Lab(tiny_llama(), CharTokenizer())
+    engine = lab.engine
+
+    def cached():  # the full-precision plan (no weights) left out
+        return [p for p in engine.cached_plans if p != QuantPlan.none()]
+
+    plans = {b: QuantPlan.uniform(QuantConfig(bits=b, group_size=32)) for b in (2, 3, 4, 5, 8)}
+    used = plans[4]
+    engine.budget_bytes = 3 * engine.plan_bytes(used)  # room for the plan in use + 2 more
+    lab.compare("abcdef", 5, used, isolation=False)
+    stop = threading.Event()
+    stop.set()
+    lab.prefetch([plans[3], plans[5]], cancel=stop).join(timeout=60)
+    assert cached() == [used]  # cancelled before its first plan
+    bad = QuantPlan.uniform(QuantConfig(bits=4, group_size=7))  # fails check: skipped
+    thread = lab.prefetch([plans[3], bad, used, plans[5], plans[2]])
+    thread.join(timeout=60)
+    assert not thread.is_alive() and thread.error is None
+    assert set(cached()) == {used, plans[3], plans[5]}  # 2-bit would not fit
+    assert cached()[-1] == used  # prefetched plans are the least recently used
+    engine.materialize(plans[8])  # a new plan evicts a prefetched one, never the plan in use
+    assert used in cached() and plans[8] in cached() and len(cached()) == 3
+    (kept,) = set(cached()) - {used, plans[8]}
+    want = Lab(tiny_llama(), CharTokenizer()).engine.materialize(kept)
+    got = engine.materialize(kept)  # prefetched weights equal the engine's own
+    assert all(torch.equal(got[k], want[k]) for k in want)
