@@ -217,6 +217,7 @@ class Lab:
         drop_first: bool = False,
         isolation: bool = True,
         cka_context: int = 0,
+        cancel: threading.Event | None = None,
     ) -> Comparison:
         """Every diagnostic of ``plan`` against full precision.
 
@@ -226,10 +227,13 @@ class Lab:
         more forward) and add it to the verdict's evidence. ``cka_context``: pool the CKA with
         this many bundled fact prompts (their activations cached per plan), every prompt's
         first (attention-sink) position left out; ``cmp.cka.reference`` is the reference's own
-        CKA map on the same samples.
+        CKA map on the same samples. Results are cached per (prompts, target, plan, options)
+        and for the model's current weights (each call returns its own copy); the activations,
+        logit lens and isolation of each (prompt, plan) are reused by other targets and prompt
+        sets. ``cancel`` is checked before each forward pass.
         """
         return _compare.compare(
-            self, prompt, target, plan, cka_estimator, drop_first, isolation, cka_context
+            self, prompt, target, plan, cka_estimator, drop_first, isolation, cka_context, cancel
         )
 
     def compare_many(
@@ -241,6 +245,7 @@ class Lab:
         drop_first: bool = False,
         isolation: bool = True,
         cka_context: int = 0,
+        cancel: threading.Event | None = None,
     ) -> list[Comparison]:
         """``[compare(p, t, plan, ...) for p, t in zip(prompts, targets)]`` (``targets``: one
         for every prompt or one each), equal to those calls up to float rounding, with every
@@ -251,6 +256,7 @@ class Lab:
             prompts,
             targets,
             plan,
+            cancel,
             cka_estimator=cka_estimator,
             drop_first=drop_first,
             isolation=isolation,

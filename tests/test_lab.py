@@ -305,3 +305,19 @@ def test_prefetch_fills_the_budget_in_the_background_and_never_evicts_the_plan_i
     want = Lab(tiny_llama(), CharTokenizer()).engine.materialize(kept)
     got = engine.materialize(kept)  # prefetched weights equal the engine's own
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_compare_cancel_stops_before_a_forward():
+    import threading
+
+    lab = Lab(tiny_llama(), CharTokenizer())
+    plan = QuantPlan.uniform(QuantConfig(bits=2, group_size=32))
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Cancelled, match="before the reference run"):
+        lab.compare("abcdef", 5, plan, cancel=stop)
+    with pytest.raises(Cancelled):
+        lab.compare_many(["abcdef", "ghi"], 5, plan, cancel=stop)
+    assert len(lab._acts) == 0 and hook_count(lab.model) == 0
+    done = lab.compare("abcdef", 5, plan)
+    _assert_same(lab.compare("abcdef", 5, plan, cancel=stop), done, atol=0)  # cached: no work

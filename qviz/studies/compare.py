@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 
 from qviz import metrics
+from qviz.cancel import check_cancel
 from qviz.data import load_facts
 from qviz.metrics.cka import cka_with_reference
 from qviz.probes.batch import left_pad, length_batches
@@ -255,6 +257,7 @@ def compare_many(
     prompts: Sequence[str],
     targets: str | int | Sequence[str | int],
     plan: QuantPlan,
+    cancel: threading.Event | None = None,
     **options,
 ) -> list[Comparison]:
     """``compare(prompts[i], targets[i], plan, **options)`` for every i (``targets``: one for
@@ -265,11 +268,16 @@ def compare_many(
     if not prompts:
         return []
     for p in (QuantPlan.none(), plan):
+        check_cancel(cancel, f"before the {p.label} runs")
         activations_many(lab, prompts, p)
         lens_many(lab, prompts, p)
     if options.get("isolation", True):
+        check_cancel(cancel, "before the isolation runs")
         isolation_many(lab, prompts, plan)
-    return [compare(lab, p, t, plan, **options) for p, t in zip(prompts, targets, strict=True)]
+    return [
+        compare(lab, p, t, plan, cancel=cancel, **options)
+        for p, t in zip(prompts, targets, strict=True)
+    ]
 
 
 def compare(
@@ -281,10 +289,11 @@ def compare(
     drop_first: bool = False,
     isolation: bool = True,
     cka_context: int = 0,
+    cancel: threading.Event | None = None,
 ) -> Comparison:
     """Every diagnostic of ``plan`` against full precision (see ``Lab.compare``). The result is
     cached in ``lab`` per (prompts, target, plan, options, weights); every call returns a copy
-    of its own."""
+    of its own. ``cancel`` is checked before each forward pass."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts:
         raise ValueError("compare needs at least one prompt")
@@ -295,7 +304,7 @@ def compare(
     key = ("compare", tuple(prompts), tid, plan, options, weights_key(lab))
     hit = lab._acts.get(key)
     if hit is None:
-        hit = _compare(lab, prompts, tid, plan, *options)
+        hit = _compare(lab, prompts, tid, plan, *options, cancel)
         lab._acts.put(key, hit)
     return copy.deepcopy(hit)
 
@@ -309,9 +318,12 @@ def _compare(
     drop_first: bool,
     isolation: bool,
     cka_context: int,
+    cancel: threading.Event | None,
 ) -> Comparison:
     n = lab.n_layers
+    check_cancel(cancel, "before the reference run")
     ref = activations_many(lab, prompts, QuantPlan.none())
+    check_cancel(cancel, "before the quantized run")
     qnt = activations_many(lab, prompts, plan)
     s = 1 if drop_first else 0
 
@@ -322,6 +334,7 @@ def _compare(
     ref_res, q_res = pool(ref, "resid"), pool(qnt, "resid")
     if cka_context:
         ctx = context_prompts(cka_context, exclude=prompts)
+        check_cancel(cancel, "before the CKA context runs")
         cka_r = torch.cat([pool(ref, "resid", 1), context_resid(lab, QuantPlan.none(), ctx)], 1)
         cka_q = torch.cat([pool(qnt, "resid", 1), context_resid(lab, plan, ctx)], 1)
     else:
@@ -357,6 +370,7 @@ def _compare(
     drift = [metrics.residual_drift(ref_res[i : i + 1], q_res[i : i + 1]) for i in range(n + 1)]
     residual = ResidualStats(*(torch.cat(x).numpy() for x in zip(*drift, strict=True)))
     mid = slice(n // 3, max(n // 3 + 1, 2 * n // 3))
+    check_cancel(cancel, "before the logit lens and the isolation run")
     iso = isolation_many(lab, prompts[:1], plan)[0] if isolation else None
     verdict = Verdict(
         *metrics.verdict(
