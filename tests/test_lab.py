@@ -321,3 +321,14 @@ def test_compare_cancel_stops_before_a_forward():
     assert len(lab._acts) == 0 and hook_count(lab.model) == 0
     done = lab.compare("abcdef", 5, plan)
     _assert_same(lab.compare("abcdef", 5, plan, cancel=stop), done, atol=0)  # cached: no work
+
+
+def test_compare_isolation_equals_lab_isolate():
+    """compare's isolation (batched, one layer at a time) equals Lab.isolate's whole-tensor one."""
+    lab = Lab(tiny_llama(), CharTokenizer())
+    plan = QuantPlan.uniform(QuantConfig(bits=2, group_size=32))
+    many = lab.compare_many(["abcdefghij", "klm"], 5, plan)
+    for p, cmp in zip(["abcdefghij", "klm"], many, strict=True):
+        want = Lab(tiny_llama(), CharTokenizer()).isolate(p, plan)
+        _assert_same(cmp.isolation, want, atol=1e-6)
+        assert want.delta_cosine.min() < 0.999  # the plan does change the layers

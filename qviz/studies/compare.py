@@ -201,12 +201,14 @@ def isolation_many(
 
 def isolation_of(ref: torch.Tensor, q_out: torch.Tensor, label: str) -> Isolation:
     """Isolation from the reference's residual states [L+1, T, D] and the quantized layers'
-    outputs [L, T, D] on the reference inputs."""
-    cos, rel = metrics.residual_drift(ref[1:], q_out)
-    dcos, drel = metrics.residual_drift(ref[1:] - ref[:-1], q_out - ref[:-1])
-    return Isolation(
-        cos.numpy(), rel.numpy(), label, delta_cosine=dcos.numpy(), delta_rel_error=drel.numpy()
-    )
+    outputs [L, T, D] on the reference inputs, one layer at a time (float64 temporaries of one
+    layer, not of all: at 1,024 tokens that is ~0.4 GB less at the peak)."""
+    out = []
+    for i in range(len(q_out)):
+        inp, r, q = ref[i : i + 1], ref[i + 1 : i + 2], q_out[i : i + 1]
+        out.append((*metrics.residual_drift(r, q), *metrics.residual_drift(r - inp, q - inp)))
+    cos, rel, dcos, drel = (torch.cat(x).numpy() for x in zip(*out, strict=True))
+    return Isolation(cos, rel, label, delta_cosine=dcos, delta_rel_error=drel)
 
 
 def context_prompts(n: int, exclude: Sequence[str] = ()) -> list[str]:
