@@ -46,8 +46,10 @@ BATCH_TOKENS = 512  # padded tokens per batched capture: ~0.4 MB of activations 
 
 def weights_key(lab: Lab) -> str:
     """The model's current weights, as cache keys see them: a digest of each parameter's
-    storage and version (an in-place edit bumps it; a swapped-in plan changes the storage)."""
-    pairs = [(p.data_ptr(), p._version) for p in lab.model.parameters()]
+    storage and version (an in-place edit bumps it; a swapped-in plan changes the storage).
+    Read under the engine's lock: never the weights of another thread's ``quantized`` block."""
+    with lab.engine.lock:
+        pairs = [(p.data_ptr(), p._version) for p in lab.model.parameters()]
     return hashlib.blake2b(np.asarray(pairs, dtype=np.int64).tobytes(), digest_size=16).hexdigest()
 
 
