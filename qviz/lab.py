@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from collections import OrderedDict
@@ -32,6 +33,24 @@ from qviz.studies import tracing as _tracing
 
 ACTS_BUDGET = int(os.environ.get("QVIZ_ACTS_BYTES", 1 << 30))  # Lab activation cache, bytes
 MAX_PROMPT_TOKENS = 1024
+
+
+def nbytes(obj) -> int:
+    """Bytes held by the tensors and arrays in ``obj``, walking dataclasses, lists, tuples and
+    dicts (the size of a cached result for ``ByteLRU``)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return sum(nbytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    if isinstance(obj, dict):
+        return sum(nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(nbytes(v) for v in obj)
+    if isinstance(obj, str):
+        return len(obj)
+    return 0
 
 
 class ByteLRU:
@@ -91,8 +110,11 @@ class Lab:
     caller's plan. Cache layers, from the weights up:
     - the engine's LRU of materialized plans (``QVIZ_CACHE_BYTES``, 4 GiB; GPTQ also keeps a
       verified disk cache), shared by every Lab on the model;
-    - ``_acts``: captured activations per (prompt, plan) and the CKA context prompts' residual
-      states per plan, an LRU bounded by ``acts_budget_bytes`` (``QVIZ_ACTS_BYTES``, 1 GiB);
+    - ``_acts``: captured activations per (prompt, plan), logit lenses and isolation tests per
+      (prompt, plan), whole comparisons per (prompts, target, plan, options) and the CKA context
+      prompts' residual states per plan, every entry valid only for the weights it was computed
+      on (``studies.compare.weights_key``): an LRU bounded by ``acts_budget_bytes``
+      (``QVIZ_ACTS_BYTES``, 1 GiB);
     - ``_ref_stats``: full-precision next-token results per prompt set (at most 16 sets).
     ``max_prompt_tokens``: longer prompts raise ValueError before any forward (default 1024).
     """
@@ -113,7 +135,7 @@ class Lab:
             self.engine.tokenizer = tokenizer  # GPTQ calibrates on text tokenized like the prompts
         self.name = name or getattr(model.config, "name_or_path", "model")
         self.max_prompt_tokens = int(max_prompt_tokens)
-        self._acts = ByteLRU(acts_budget_bytes, size=lambda c: c.nbytes)
+        self._acts = ByteLRU(acts_budget_bytes, size=nbytes)
         self._ref_stats = ByteLRU(max_items=16)
 
     @classmethod
@@ -195,6 +217,7 @@ class Lab:
         drop_first: bool = False,
         isolation: bool = True,
         cka_context: int = 0,
+        cancel: threading.Event | None = None,
     ) -> Comparison:
         """Every diagnostic of ``plan`` against full precision.
 
@@ -204,10 +227,40 @@ class Lab:
         more forward) and add it to the verdict's evidence. ``cka_context``: pool the CKA with
         this many bundled fact prompts (their activations cached per plan), every prompt's
         first (attention-sink) position left out; ``cmp.cka.reference`` is the reference's own
-        CKA map on the same samples.
+        CKA map on the same samples. Results are cached per (prompts, target, plan, options)
+        and for the model's current weights (each call returns its own copy); the activations,
+        logit lens and isolation of each (prompt, plan) are reused by other targets and prompt
+        sets. ``cancel`` is checked before each forward pass.
         """
         return _compare.compare(
-            self, prompt, target, plan, cka_estimator, drop_first, isolation, cka_context
+            self, prompt, target, plan, cka_estimator, drop_first, isolation, cka_context, cancel
+        )
+
+    def compare_many(
+        self,
+        prompts: Sequence[str],
+        targets: str | int | Sequence[str | int],
+        plan: QuantPlan,
+        cka_estimator: str = "biased",
+        drop_first: bool = False,
+        isolation: bool = True,
+        cka_context: int = 0,
+        cancel: threading.Event | None = None,
+    ) -> list[Comparison]:
+        """``[compare(p, t, plan, ...) for p, t in zip(prompts, targets)]`` (``targets``: one
+        for every prompt or one each), equal to those calls up to float rounding, with every
+        prompt's forwards, logit lens and isolation test run in left-padded batches: one
+        forward per plan for up to 512 padded tokens."""
+        return _compare.compare_many(
+            self,
+            prompts,
+            targets,
+            plan,
+            cancel,
+            cka_estimator=cka_estimator,
+            drop_first=drop_first,
+            isolation=isolation,
+            cka_context=cka_context,
         )
 
     # task level -------------------------------------------------------------------------------
@@ -333,6 +386,15 @@ class Lab:
         """Materialize ``plan``'s weights now (cached by the engine); ``on_progress(done, total)``
         per decoder layer of calibrated methods; a set ``cancel`` raises qviz.cancel.Cancelled."""
         self.engine.materialize(plan, cancel=cancel, on_progress=on_progress)
+
+    def prefetch(
+        self, plans: Sequence[QuantPlan], cancel: threading.Event | None = None
+    ) -> threading.Thread:
+        """Materialize ``plans`` in the background (e.g. the neighbouring bit-widths while the
+        dashboard is idle) within the engine's budget (``QVIZ_CACHE_BYTES``), never evicting
+        a cached plan for them; returns the started thread at once. Set ``cancel`` to stop it
+        before its next plan. See ``QuantEngine.prefetch``."""
+        return self.engine.prefetch(plans, cancel=cancel)
 
     def memory_table(self, plans, n_facts: int = 0, cancel=None):
         """MemoryTable: weight MiB, effective bits and (``n_facts`` > 0) accuracy per plan."""

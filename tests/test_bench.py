@@ -103,3 +103,28 @@ def test_fair_per_cell_loop_equals_the_batched_grid():
     assert np.allclose(fair, batched.prob, atol=1e-5)
     loop = lab.trace(prompt, target, plan, method="per_cell")
     assert np.allclose(fair, loop.prob, atol=1e-6)
+
+
+def test_compare_and_uncached_ui_figures_on_a_tiny_model(capsys):
+    """bench compare's and bench ui --uncached's figures on a 3-layer model: every ratio of the
+    same run, JSON-ready; the revisit is answered from the cache (no forward)."""
+    from qviz import Lab, QuantConfig, QuantPlan
+    from qviz.bench.compare import compare_figures
+    from qviz.bench.ui import uncached_figures
+    from tests.conftest import CharTokenizer
+
+    lab = Lab(tiny_llama(), CharTokenizer())
+    plan = QuantPlan.uniform(QuantConfig(2, 32))
+    prompts = ["abcdefgh", "ijk", "lmnopqrs", "tuvw"]
+    r = compare_figures(lab, "abcdefghij", 5, prompts, plan, repeat=1)
+    json.dumps(r)
+    assert r["ratio"] == r["compare_ms"] / r["plain_ms"] and r["n_prompts"] == 4
+    assert r["revisit_ms"] > 0 and r["pooled_ratio"] > 0 and r["many_ratio"] > 0
+    out = capsys.readouterr().out
+    assert "revisit" in out and "2 plain forwards" in out and "4 prompts vs 1" in out
+    plans = [QuantPlan.uniform(QuantConfig(b, 32)) for b in (3, 5, 6, 8)]
+    u = uncached_figures(lab, "abcdefghij", 5, plans, cka_context=0)
+    json.dumps(u)
+    assert u["moves"] == 2 and u["ratio"] == u["median_ms"] / 1e3
+    assert set(plans) <= set(lab.engine.cached_plans)  # every move materialized its plan
+    assert "prefetched while idle" in capsys.readouterr().out

@@ -174,3 +174,161 @@ def test_cka_context_pools_bundled_prompts(lab):
     again = lab.compare(FRANCE, " Paris", plan, cka_context=32, isolation=False)
     assert again.cka.n_samples - n_ctx == len(lab.encode(FRANCE)[0]) - 1
     np.testing.assert_allclose(again.cka.values, cmp.cka.values)
+
+
+def _assert_same(a, b, path="cmp", atol=1e-4):
+    """Two results equal field by field (arrays to ``atol``), naming the first difference."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(a):
+        assert type(a) is type(b), path
+        for f in dataclasses.fields(a):
+            _assert_same(getattr(a, f.name), getattr(b, f.name), f"{path}.{f.name}", atol)
+    elif isinstance(a, np.ndarray) and a.dtype.kind == "f":
+        np.testing.assert_allclose(a, b, atol=atol, rtol=1e-3, err_msg=path)
+    elif isinstance(a, np.ndarray):  # ranks: a near-tie may move one of thousands by 1
+        np.testing.assert_allclose(a, b, atol=0 if atol == 0 else 1, rtol=1e-3, err_msg=path)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _assert_same(a[k], b[k], f"{path}[{k!r}]", atol)
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, abs=atol, rel=1e-3), path
+    elif isinstance(a, (list, tuple)) and a and not isinstance(a[0], str):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same(x, y, f"{path}[{i}]", atol)
+    else:
+        assert a == b, path
+
+
+def _forwards(lab) -> list:
+    """A counter of the model's forwards (a hook left on the model: use on a private model)."""
+    calls = []
+    lab.model.register_forward_pre_hook(lambda *a: calls.append(1))
+    return calls
+
+
+def test_compare_revisit_is_cached_keyed_and_a_copy():
+    """A revisit runs no forward and equals the first result; a caller's edits do not leak into
+    later results; a different plan, prompt or target, or changed weights, are recomputed."""
+    lab = Lab(tiny_llama(), CharTokenizer())
+    plan = QuantPlan.uniform(QuantConfig(bits=2, group_size=32))
+    first = lab.compare("abcdefghij", 5, plan)
+    calls = _forwards(lab)
+    again = lab.compare("abcdefghij", 5, plan)
+    assert calls == []
+    _assert_same(again, first, atol=0)
+    again.cka.values[:] = -1
+    again.lens.quantized.prob[:] = -1
+    again.isolation.cosine[:] = -1
+    _assert_same(lab.compare("abcdefghij", 5, plan), first, atol=0)
+    other_target = lab.compare("abcdefghij", 7, plan)  # lens and isolation reused: no forward
+    assert calls == [] and other_target.lens.quantized.prob[-1] != first.lens.quantized.prob[-1]
+    fresh = Lab(tiny_llama(), CharTokenizer()).compare("abcdefghij", 7, plan)
+    _assert_same(other_target, fresh, atol=1e-6)
+    four = lab.compare("abcdefghij", 5, QuantPlan.uniform(QuantConfig(bits=4, group_size=32)))
+    assert calls and not np.allclose(four.residual.cosine, first.residual.cosine)
+    with torch.no_grad():  # an in-place edit of the weights: every cached result is stale
+        lab.model.model.layers[1].mlp.down_proj.weight.mul_(3.0)
+    edited = lab.compare("abcdefghij", 5, plan)
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(3.0)
+    _assert_same(edited, Lab(model, CharTokenizer()).compare("abcdefghij", 5, plan), atol=1e-6)
+
+
+@pytest.mark.parametrize("make", ["llama", "gpt2"])
+def test_compare_many_equals_one_prompt_compares(make):
+    """compare_many (padded batches) gives each prompt its one-prompt compare, on a fresh Lab,
+    in fewer forwards; a pooled compare of several prompts equals the pooled one-prompt
+    activations."""
+    from tests.conftest import tiny_gpt2
+
+    new = tiny_llama if make == "llama" else tiny_gpt2
+    plan = QuantPlan.uniform(QuantConfig(bits=2, group_size=32))
+    prompts = ["abcdefghij", "klm", "nopqrstu", "vwxyzabcdefgh"]
+    lab = Lab(new(), CharTokenizer())
+    calls = _forwards(lab)
+    many = lab.compare_many(prompts, [5, 6, 7, 8], plan)
+    assert len(calls) == 3  # reference, plan, isolation: one batch each
+    for p, t, got in zip(prompts, [5, 6, 7, 8], many, strict=True):
+        _assert_same(got, Lab(new(), CharTokenizer()).compare(p, t, plan))
+    pooled = lab.compare(prompts, 5, plan, drop_first=True)
+    one_by_one = Lab(new(), CharTokenizer())
+    for p in prompts:  # each alone, then the pooled statistics from the cached activations
+        for pl in (QuantPlan.none(), plan):
+            one_by_one.activations(p, pl)
+    _assert_same(pooled, one_by_one.compare(prompts, 5, plan, drop_first=True))
+    with pytest.raises(ValueError, match="2 targets for 4 prompts"):
+        lab.compare_many(prompts, [5, 6], plan)
+
+
+@pytest.mark.model
+def test_compare_many_equals_compare_on_the_embedded_model(embedded):
+    model, tok = embedded
+    plan = QuantPlan.uniform(QuantConfig(bits=3, group_size=128))
+    facts = load_facts()[:3]
+    prompts, targets = [f["prompt"] for f in facts], [f["answer"] for f in facts]
+    targets = [tok.decode(tok(t, add_special_tokens=False).input_ids[:1]) for t in targets]
+    many = Lab(model, tok).compare_many(prompts, targets, plan)
+    for p, t, got in zip(prompts, targets, many, strict=True):
+        _assert_same(got, Lab(model, tok).compare(p, t, plan), atol=2e-3)
+
+
+def test_prefetch_fills_the_budget_in_the_background_and_never_evicts_the_plan_in_use():
+    import threading
+
+    lab = Lab(tiny_llama(), CharTokenizer())
+    engine = lab.engine
+
+    def cached():  # the full-precision plan (no weights) left out
+        return [p for p in engine.cached_plans if p != QuantPlan.none()]
+
+    plans = {b: QuantPlan.uniform(QuantConfig(bits=b, group_size=32)) for b in (2, 3, 4, 5, 8)}
+    used = plans[4]
+    engine.budget_bytes = 3 * engine.plan_bytes(used)  # room for the plan in use + 2 more
+    lab.compare("abcdef", 5, used, isolation=False)
+    stop = threading.Event()
+    stop.set()
+    lab.prefetch([plans[3], plans[5]], cancel=stop).join(timeout=60)
+    assert cached() == [used]  # cancelled before its first plan
+    bad = QuantPlan.uniform(QuantConfig(bits=4, group_size=7))  # fails check: skipped
+    thread = lab.prefetch([plans[3], bad, used, plans[5], plans[2]])
+    thread.join(timeout=60)
+    assert not thread.is_alive() and thread.error is None
+    assert set(cached()) == {used, plans[3], plans[5]}  # 2-bit would not fit
+    assert cached()[-1] == used  # prefetched plans are the least recently used
+    engine.materialize(plans[8])  # a new plan evicts a prefetched one, never the plan in use
+    assert used in cached() and plans[8] in cached() and len(cached()) == 3
+    (kept,) = set(cached()) - {used, plans[8]}
+    want = Lab(tiny_llama(), CharTokenizer()).engine.materialize(kept)
+    got = engine.materialize(kept)  # prefetched weights equal the engine's own
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_compare_cancel_stops_before_a_forward():
+    import threading
+
+    lab = Lab(tiny_llama(), CharTokenizer())
+    plan = QuantPlan.uniform(QuantConfig(bits=2, group_size=32))
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Cancelled, match="before the reference run"):
+        lab.compare("abcdef", 5, plan, cancel=stop)
+    with pytest.raises(Cancelled):
+        lab.compare_many(["abcdef", "ghi"], 5, plan, cancel=stop)
+    assert len(lab._acts) == 0 and hook_count(lab.model) == 0
+    done = lab.compare("abcdef", 5, plan)
+    _assert_same(lab.compare("abcdef", 5, plan, cancel=stop), done, atol=0)  # cached: no work
+
+
+def test_compare_isolation_equals_lab_isolate():
+    """compare's isolation (batched, one layer at a time) equals Lab.isolate's whole-tensor one."""
+    lab = Lab(tiny_llama(), CharTokenizer())
+    plan = QuantPlan.uniform(QuantConfig(bits=2, group_size=32))
+    many = lab.compare_many(["abcdefghij", "klm"], 5, plan)
+    for p, cmp in zip(["abcdefghij", "klm"], many, strict=True):
+        want = Lab(tiny_llama(), CharTokenizer()).isolate(p, plan)
+        _assert_same(cmp.isolation, want, atol=1e-6)
+        assert want.delta_cosine.min() < 0.999  # the plan does change the layers

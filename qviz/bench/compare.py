@@ -10,14 +10,26 @@ from qviz.bench.timing import median_time
 
 
 def bench_compare(model_name: str = "smollm2-135m") -> dict:
-    """A full compare() (plan cached, activations not) vs one reference + one quantized forward."""
-    import torch
-
-    from qviz import Lab, QuantConfig, QuantPlan, metrics
+    """``Lab.compare`` (plan cached) in one run: a revisit of a computed (prompt, target, plan);
+    a new prompt vs one reference + one quantized plain forward; 32 prompts vs 1, pooled
+    (``compare(list)``) and one Comparison each (``compare_many``)."""
+    from qviz import Lab, QuantConfig, QuantPlan
+    from qviz.data import load_facts
 
     lab = Lab.load(model_name)
     prompt = "The Eiffel Tower is located in the city of"
-    plan = QuantPlan.uniform(QuantConfig(bits=4))
+    prompts = [f["prompt"] for f in load_facts()[:32]]
+    n = lab.encode(prompt).shape[1]
+    print(f"qviz bench compare: {model_name}, {n} tokens, 4-bit plan cached")
+    return compare_figures(lab, prompt, " Paris", prompts, QuantPlan.uniform(QuantConfig(bits=4)))
+
+
+def compare_figures(lab, prompt: str, target, prompts: list[str], plan, repeat: int = 5) -> dict:
+    """``bench_compare``'s figures on any Lab (printed, and returned JSON-ready)."""
+    import torch
+
+    from qviz import QuantPlan, metrics
+
     lab.engine.materialize(plan)
     ids = lab.encode(prompt)
 
@@ -27,27 +39,49 @@ def bench_compare(model_name: str = "smollm2-135m") -> dict:
                 with lab.quantized(p):
                     lab.model(ids, use_cache=False)
 
-    def full():
-        lab._acts.clear()
-        lab.compare(prompt, " Paris", plan)
+    def fresh(fn):
+        def run():
+            lab._acts.clear()
+            fn()
 
+        return run
+
+    one = fresh(lambda: lab.compare(prompt, target, plan))
+    pooled = fresh(lambda: lab.compare(prompts, target, plan))
+    many = fresh(lambda: lab.compare_many(prompts, target, plan))
     plain()
-    full()
-    t_plain, t_full = median_time(plain), median_time(full)
-    print(f"qviz bench compare: {model_name}, {ids.shape[1]} tokens, 4-bit plan cached")
+    one()
+    t_plain, t_one = median_time(plain, repeat), median_time(one, repeat)
+    t_revisit = median_time(lambda: lab.compare(prompt, target, plan), repeat=4 * repeat)
+    k = max(1, (repeat + 1) // 2)
+    t_pooled, t_many = median_time(pooled, k), median_time(many, k)
+    n = len(prompts)
     print(
-        f"  compare() {t_full * 1e3:.1f} ms | 2 plain forwards {t_plain * 1e3:.1f} ms "
-        f"| ratio {t_full / t_plain:.2f}x (target <= 2x)"
+        f"  revisit of a computed (prompt, target, plan): {t_revisit * 1e3:.2f} ms "
+        f"(target <= 10 ms; was 119 ms)"
+    )
+    print(
+        f"  new prompt: compare() {t_one * 1e3:.1f} ms | 2 plain forwards {t_plain * 1e3:.1f} ms "
+        f"| ratio {t_one / t_plain:.2f}x (target <= 1.5x)"
+    )
+    print(
+        f"  {n} prompts vs 1: pooled compare({n} prompts) {t_pooled * 1e3:.0f} ms, ratio "
+        f"{t_pooled / t_one:.2f}x (target <= 4x; was 16x) | compare_many, {n} Comparisons "
+        f"{t_many * 1e3:.0f} ms, ratio {t_many / t_one:.2f}x"
     )
     cap = lab.activations(prompt, plan)
-    t_cka = median_time(lambda: metrics.cka_matrix(cap.resid, cap.resid), repeat=20)
-    n = cap.resid.shape[0]
-    print(f"  CKA of all {n}x{n} layer pairs alone: {t_cka * 1e3:.2f} ms (target <= 10 ms)")
+    t_cka = median_time(lambda: metrics.cka_matrix(cap.resid, cap.resid), repeat=4 * repeat)
+    m = cap.resid.shape[0]
+    print(f"  CKA of all {m}x{m} layer pairs alone: {t_cka * 1e3:.2f} ms (target <= 10 ms)")
     return {
-        "ratio": t_full / t_plain,
-        "ratio_of": "compare() / 2 plain forwards",
-        "compare_ms": t_full * 1e3,
+        "ratio": t_one / t_plain,
+        "ratio_of": "compare() of a new prompt / 2 plain forwards",
+        "revisit_ms": t_revisit * 1e3,
+        "compare_ms": t_one * 1e3,
         "plain_ms": t_plain * 1e3,
+        "pooled_ratio": t_pooled / t_one,
+        "many_ratio": t_many / t_one,
+        "n_prompts": n,
         "cka_ms": t_cka * 1e3,
     }
 

@@ -72,3 +72,64 @@ def bench_ui(model_name: str = "smollm2-135m", moves: int = 20) -> dict:
         "median_ms": med,
         "warm_up_s": warm_s,
     }
+
+
+def bench_ui_uncached(model_name: str = "smollm2-135m", moves: int = 8) -> dict:
+    """Uncached slider moves, the server's side of each (what the page waits for): a plan never
+    seen before, materialized then compared with the dashboard's settings (``cka_context``), the
+    reference already cached as after the first page load. Then the same moves with each plan
+    prefetched while idle (``Lab.prefetch``, as the dashboard would for the neighbouring
+    bit-widths). Target: median <= 1 s."""
+    from qviz import Lab, QuantConfig, QuantPlan
+    from qviz.views.backend import CKA_CONTEXT
+
+    lab = Lab.load(model_name)
+    prompt, target = "The Eiffel Tower is located in the city of", " Paris"
+    fresh = [
+        QuantPlan.uniform(QuantConfig(bits=b, group_size=g, symmetric=s))
+        for s in (False, True)
+        for g in (64, 32)
+        for b in (2, 3, 5, 6, 8)
+    ]
+    print(f"qviz bench ui --uncached: {model_name}, {moves} slider moves to plans never seen")
+    return uncached_figures(lab, prompt, target, fresh[: 2 * moves], CKA_CONTEXT)
+
+
+def uncached_figures(lab, prompt: str, target, plans: list, cka_context: int) -> dict:
+    """``bench_ui_uncached``'s figures on any Lab: the first half of ``plans`` cold, the second
+    half each prefetched first (printed, and returned JSON-ready)."""
+    from qviz import QuantConfig, QuantPlan
+
+    lab.compare(prompt, target, QuantPlan.uniform(QuantConfig(bits=4)), cka_context=cka_context)
+
+    def move(plan: QuantPlan) -> tuple[float, float]:
+        t = time.perf_counter()
+        lab.prepare(plan)
+        t_mat = time.perf_counter() - t
+        lab.compare(prompt, target, plan, cka_context=cka_context)
+        return time.perf_counter() - t, t_mat
+
+    half = len(plans) // 2
+    cold = [move(p) for p in plans[:half]]
+    warm = []
+    for p in plans[half:]:
+        lab.prefetch([p]).join()  # the idle time before the move
+        warm.append(move(p))
+    med = statistics.median(t for t, _ in cold)
+    med_mat = statistics.median(m for _, m in cold)
+    med_warm = statistics.median(t for t, _ in warm)
+    print(
+        f"  new plan -> materialize + compare(cka_context={cka_context}): median "
+        f"{med * 1e3:.0f} ms (materialize {med_mat * 1e3:.0f} ms; min "
+        f"{min(t for t, _ in cold) * 1e3:.0f}, max {max(t for t, _ in cold) * 1e3:.0f}) | "
+        f"target <= 1000 ms | ratio to target {med:.2f}x"
+    )
+    print(f"  the same moves with the plan prefetched while idle: median {med_warm * 1e3:.0f} ms")
+    return {
+        "ratio": med,
+        "ratio_of": "median uncached slider move / 1 s target",
+        "median_ms": med * 1e3,
+        "materialize_ms": med_mat * 1e3,
+        "prefetched_median_ms": med_warm * 1e3,
+        "moves": half,
+    }

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from qviz.models.arch import Adapter
+from qviz.probes.batch import left_pad
 from qviz.probes.hooks import attached, feed_inputs, hidden_in, record_outputs, with_hidden_in
 
 WHAT = ("resid", "attn", "gate", "mlp_out", "attn_in", "attn_stats")
@@ -104,20 +105,17 @@ def _probs(out, adapter: Adapter, i: int) -> torch.Tensor:
     return out[1]
 
 
-def capture(
+def _capture(
     model: nn.Module,
     adapter: Adapter,
     input_ids: torch.Tensor,
-    what: tuple[str, ...] = DEFAULT,
-    on_attention: AttentionCallback | None = None,
-    reference: AttentionReference | None = None,
+    what: tuple[str, ...],
+    on_attention: AttentionCallback | None,
+    reference: AttentionReference | None,
+    forward_kw: dict,
 ) -> Capture:
-    """One forward of ``input_ids`` [1, T] capturing ``what`` (subset of WHAT); no hooks remain.
-
-    "attn_stats" calls ``on_attention(layer, probs [1, H, T, T], ref_probs or None)`` per layer
-    as the forward runs (``ref_probs``: the same layer recomputed on ``reference``'s input with
-    its weights); the maps are not kept.
-    """
+    """One forward of ``input_ids`` [B, W]; the Capture's tensors keep the batch dimension
+    (resid [L+1, B, W, D], logits [B, V], ...)."""
     bad = set(what) - set(WHAT)
     if bad:
         raise ValueError(f"cannot capture {sorted(bad)}; choose from {WHAT}")
@@ -129,7 +127,7 @@ def capture(
     first_in: list[torch.Tensor] = []
 
     def keep(t: torch.Tensor) -> torch.Tensor:
-        return t.detach()[0].float().cpu()
+        return t.detach().float().cpu()
 
     def gate_fn(t: torch.Tensor) -> torch.Tensor:
         g = keep(t)
@@ -143,7 +141,10 @@ def capture(
             if "attn_stats" in what:
                 ref = None
                 if reference is not None:
-                    x = reference.inputs[i][None].to(probs.device, hidden_in(args, kwargs).dtype)
+                    x = reference.inputs[i]
+                    x = (x[None] if x.dim() == 2 else x).to(
+                        probs.device, hidden_in(args, kwargs).dtype
+                    )
                     a, kw = with_hidden_in(args, kwargs, x)
                     with _swapped(mod, reference.params[i]):
                         ref = _probs(mod.forward(*a, **kw), adapter, i)
@@ -175,8 +176,8 @@ def capture(
             if "attn_in" in what:
                 h.pre(mod, attn_in_hook(i))
         with eager_attention(model, want_maps), torch.no_grad():
-            out = model(input_ids, use_cache=False, logits_to_keep=1)
-    result = Capture(logits=out.logits.detach()[0, -1:].float().cpu())
+            out = model(input_ids, use_cache=False, logits_to_keep=1, **forward_kw)
+    result = Capture(logits=out.logits.detach()[:, -1].float().cpu())
     if "resid" in what:
         result.resid = torch.stack([first_in[0], *resid])
     if "attn" in what:
@@ -188,6 +189,73 @@ def capture(
     if "attn_in" in what:
         result.attn_in = torch.stack(store["attn_in"])
     return result
+
+
+FIELDS = ("resid", "attn", "gate", "mlp_out", "attn_in")
+
+
+def _row(batched: Capture, b: int, n: int) -> Capture:
+    """Row ``b`` of a batched Capture, its last ``n`` positions (left padding dropped), as a
+    one-prompt Capture that owns its memory (a batch of one: views, no copy)."""
+    own = (lambda t: t) if batched.logits.shape[0] == 1 else torch.Tensor.clone
+    out = Capture(logits=own(batched.logits[b : b + 1]))
+    for f in FIELDS:
+        t = getattr(batched, f)
+        if t is not None:
+            setattr(out, f, own(t[:, b, ..., -n:, -n:] if f == "attn" else t[:, b, -n:]))
+    return out
+
+
+def capture(
+    model: nn.Module,
+    adapter: Adapter,
+    input_ids: torch.Tensor,
+    what: tuple[str, ...] = DEFAULT,
+    on_attention: AttentionCallback | None = None,
+    reference: AttentionReference | None = None,
+) -> Capture:
+    """One forward of ``input_ids`` [1, T] capturing ``what`` (subset of WHAT); no hooks remain.
+
+    "attn_stats" calls ``on_attention(layer, probs [1, H, T, T], ref_probs or None)`` per layer
+    as the forward runs (``ref_probs``: the same layer recomputed on ``reference``'s input with
+    its weights); the maps are not kept.
+    """
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"capture takes one prompt [1, T], got {tuple(input_ids.shape)}")
+    return _row(
+        _capture(model, adapter, input_ids, what, on_attention, reference, {}),
+        0,
+        input_ids.shape[1],
+    )
+
+
+def capture_batch(
+    model: nn.Module,
+    adapter: Adapter,
+    seqs: Sequence[torch.Tensor],
+    what: tuple[str, ...] = DEFAULT,
+    on_attention: AttentionCallback | None = None,
+    reference: AttentionReference | None = None,
+) -> list[Capture]:
+    """``capture`` of several prompts (1-D token tensors) in one left-padded forward; one
+    Capture per prompt, padding dropped, equal to its own ``capture`` up to float rounding.
+
+    ``on_attention(layer, probs [B, H, W, W], ref_probs or None)``: row b's own maps are
+    ``probs[b, :, W - n_b:, W - n_b:]`` (n_b its length). ``reference.inputs``: [L, B, W, D],
+    left-padded like the batch (``pad_states``).
+    """
+    ids, kw = left_pad(seqs, seqs[0].device)
+    batched = _capture(model, adapter, ids, what, on_attention, reference, kw)
+    return [_row(batched, b, len(s)) for b, s in enumerate(seqs)]
+
+
+def pad_states(states: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-prompt [L, T_b, D] tensors left-padded with zeros into [L, B, W, D]."""
+    width = max(s.shape[1] for s in states)
+    out = states[0].new_zeros(states[0].shape[0], len(states), width, states[0].shape[-1])
+    for b, s in enumerate(states):
+        out[:, b, width - s.shape[1] :] = s
+    return out
 
 
 def last_states(
@@ -205,17 +273,24 @@ def last_states(
 
 
 def isolated_outputs(
-    model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, inputs: Sequence[torch.Tensor]
+    model: nn.Module,
+    adapter: Adapter,
+    input_ids: torch.Tensor,
+    inputs: Sequence[torch.Tensor],
+    **forward_kw,
 ) -> torch.Tensor:
     """Outputs [L, T, D] of every decoder layer when layer i is fed ``inputs[i]`` [T, D] (the
-    "perfect input" test: each layer sees the reference input whatever came before)."""
+    "perfect input" test: each layer sees the reference input whatever came before). Batched:
+    ``input_ids`` [B, W], ``inputs[i]`` [B, W, D] and ``forward_kw`` (a left-padding mask)
+    give [L, B, W, D]."""
     layers = adapter.decoder_layers(model)
+    one = inputs[0].dim() == 2
     with (
-        feed_inputs(layers, [x[None] for x in inputs]),
-        record_outputs(layers, lambda x: x[0]) as outs,
+        feed_inputs(layers, [x[None] if one else x for x in inputs]),
+        record_outputs(layers, lambda x: x[0] if one else x) as outs,
         torch.no_grad(),
     ):
-        model(input_ids, use_cache=False, logits_to_keep=1)
+        model(input_ids, use_cache=False, logits_to_keep=1, **forward_kw)
     return torch.stack(outs)
 
 
@@ -226,7 +301,9 @@ __all__ = [
     "Capture",
     "attention_params",
     "capture",
+    "capture_batch",
     "eager_attention",
     "isolated_outputs",
     "last_states",
+    "pad_states",
 ]

@@ -27,7 +27,7 @@ import os
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -311,6 +311,54 @@ class QuantEngine:
                 except Exception:  # no tokenizer at hand: byte-level calibration ids
                     self.tokenizer = None
         return self.tokenizer
+
+    # prefetch ---------------------------------------------------------------------------------
+    def plan_bytes(self, plan: QuantPlan) -> int:
+        """Bytes of ``plan``'s materialized weights (one tensor like each original it replaces)."""
+        return sum(t.param.numel() * t.param.element_size() for t, _ in self.targets(plan))
+
+    def prefetch(
+        self, plans: Sequence[QuantPlan], cancel: threading.Event | None = None
+    ) -> threading.Thread:
+        """Materialize ``plans`` in order in a background thread and return it at once (started).
+
+        Speculative and polite: a plan is skipped if it is cached already, fails ``check`` or
+        has a calibrated method (GPTQ: minutes of every core); the thread stops at the first
+        plan that would not fit in ``budget_bytes`` next to the cached ones (so nothing is
+        evicted for it) and as soon as ``cancel`` is set (checked before each plan). Each plan
+        is computed under the lock (one RTN plan: tens of ms) and enters the cache as its
+        *least* recently used entry: a later plan evicts prefetched ones before the plan in use.
+        An error ends the thread quietly (``thread.error``); the plan is computed again on use.
+        """
+        plans = list(plans)
+
+        def work() -> None:
+            for plan in plans:
+                if cancel is not None and cancel.is_set():
+                    return
+                try:
+                    self.check(plan)
+                except ValueError:
+                    continue
+                with self.lock:
+                    if plan in self._cache or any(
+                        METHODS.get_method(c.method).calibrated for _, c in self.targets(plan)
+                    ):
+                        continue
+                    if sum(self._sizes.values()) + self.plan_bytes(plan) > self.budget_bytes:
+                        return
+                    try:
+                        self.materialize(plan)
+                    except Exception as err:  # noqa: BLE001 - speculative work: report, stop
+                        thread.error = err
+                        return
+                    if plan in self._cache:
+                        self._cache.move_to_end(plan, last=False)
+
+        thread = threading.Thread(target=work, name="qviz prefetch", daemon=True)
+        thread.error = None
+        thread.start()
+        return thread
 
     @property
     def cached_plans(self) -> list[QuantPlan]:

@@ -2,21 +2,35 @@
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from qviz import metrics
+from qviz.cancel import check_cancel
 from qviz.data import load_facts
 from qviz.metrics.cka import cka_with_reference
-from qviz.probes.capture import AttentionReference, Capture, attention_params, capture
+from qviz.probes.batch import left_pad, length_batches
+from qviz.probes.capture import (
+    AttentionReference,
+    Capture,
+    attention_params,
+    capture_batch,
+    isolated_outputs,
+    pad_states,
+)
 from qviz.quant.config import QuantPlan
 from qviz.results import (
     AttentionStats,
     Comparison,
     FFNStats,
+    Isolation,
     LayerMap,
     LensCurve,
     LensTrajectory,
@@ -27,62 +41,176 @@ from qviz.results import (
 if TYPE_CHECKING:
     from qviz.lab import Lab
 
+BATCH_TOKENS = 512  # padded tokens per batched capture: ~0.4 MB of activations per token
+
+
+def weights_key(lab: Lab) -> str:
+    """The model's current weights, as cache keys see them: a digest of each parameter's
+    storage and version (an in-place edit bumps it; a swapped-in plan changes the storage).
+    Read under the engine's lock: never the weights of another thread's ``quantized`` block."""
+    with lab.engine.lock:
+        pairs = [(p.data_ptr(), p._version) for p in lab.model.parameters()]
+    return hashlib.blake2b(np.asarray(pairs, dtype=np.int64).tobytes(), digest_size=16).hexdigest()
+
+
+def _stats_of(lengths: list[int], ent: list, js: list):
+    """An ``on_attention`` callback filling per-prompt entropy and JS [L, H] of a left-padded
+    batch (row b's maps: its last n_b queries and keys)."""
+
+    def stats(i: int, probs: torch.Tensor, ref: torch.Tensor | None) -> None:
+        width = probs.shape[-1]
+        for b, n in enumerate(lengths):
+            p = probs[b : b + 1, :, width - n :, width - n :]
+            ent[b][i] = metrics.normalized_entropy(p)[0].cpu().numpy()
+            if ref is not None:
+                r = ref[b : b + 1, :, width - n :, width - n :]
+                js[b][i] = metrics.js_divergence(r, p)[0].cpu().numpy()
+
+    return stats
+
+
+def _capture_batch(lab: Lab, prompts: list[str], plan: QuantPlan, key: tuple) -> list[Capture]:
+    """One left-padded forward of ``prompts`` under ``plan`` (see ``activations``)."""
+    seqs = [lab.encode(p)[0] for p in prompts]
+    lengths = [len(s) for s in seqs]
+    n, h = lab.n_layers, lab.model.config.num_attention_heads
+    ent = [np.zeros((n, h), dtype=np.float32) for _ in prompts]
+    js = [np.zeros((n, h), dtype=np.float32) for _ in prompts]
+    stats = _stats_of(lengths, ent, js)
+    if plan == QuantPlan.none():
+        with lab.engine.quantized(plan):
+            what = ("resid", "gate", "mlp_out", "attn_in", "attn_stats")
+            caps = capture_batch(lab.model, lab.adapter, seqs, what, on_attention=stats)
+        if not all(torch.isfinite(c.logits).all() for c in caps):
+            raise RuntimeError(
+                f"the full-precision forward of {lab.name!r} gave NaN or infinite logits: its "
+                "weights file is most likely corrupt (e.g. a damaged download); delete the "
+                "cached model files or run `qviz fetch` again"
+            )
+    else:
+        refs = activations_many(lab, prompts, QuantPlan.none())
+        with lab.engine.quantized(QuantPlan.none()):
+            params = attention_params(lab.model, lab.adapter)
+        inputs = refs[0].attn_in if len(refs) == 1 else pad_states([r.attn_in for r in refs])
+        reference = AttentionReference(inputs, params)
+        with lab.engine.quantized(plan):
+            caps = capture_batch(
+                lab.model, lab.adapter, seqs, on_attention=stats, reference=reference
+            )
+    for b, cap in enumerate(caps):
+        cap.extra["entropy"] = torch.from_numpy(ent[b])
+        if plan != QuantPlan.none():
+            cap.extra["js"] = torch.from_numpy(js[b])
+        cap.extra["weights"] = key
+    return caps
+
+
+def activations_many(
+    lab: Lab, prompts: Sequence[str], plan: QuantPlan, max_tokens: int = BATCH_TOKENS
+) -> list[Capture]:
+    """``activations`` of each prompt; the ones not cached run in left-padded batches of at
+    most ``max_tokens`` padded tokens (one forward per batch, equal to one-prompt forwards up
+    to float rounding)."""
+    key = weights_key(lab)
+    found: dict[str, Capture] = {}
+    for p in dict.fromkeys(prompts):
+        cap = lab._acts.get((p, plan))
+        if cap is not None and cap.extra.get("weights") == key:
+            found[p] = cap
+    missing = [p for p in dict.fromkeys(prompts) if p not in found]
+    lengths = [lab.encode(p).shape[1] for p in missing]
+    for batch in length_batches(lengths, max_tokens):
+        group = [missing[i] for i in batch]
+        for p, cap in zip(group, _capture_batch(lab, group, plan, key), strict=True):
+            lab._acts.put((p, plan), cap)
+            found[p] = cap
+    return [found[p] for p in prompts]
+
 
 def activations(lab: Lab, prompt: str, plan: QuantPlan) -> Capture:
     """Residual, gate and MLP activations of ``prompt`` under ``plan`` plus per-layer attention
     statistics, computed as the forward runs: ``extra["entropy"]`` [L, H] and, for a plan other
     than full precision, ``extra["js"]`` [L, H] against the reference (whose capture also keeps
     ``attn_in`` [L, T, D] so the reference maps can be recomputed one layer at a time).
-    Cached in ``lab`` per (prompt, plan)."""
-    key = (prompt, plan)
-    hit = lab._acts.get(key)
-    if hit is not None:
-        return hit
-    ids = lab.encode(prompt)
-    n, h = lab.n_layers, lab.model.config.num_attention_heads
-    ent = np.zeros((n, h), dtype=np.float32)
-    js = np.zeros((n, h), dtype=np.float32)
-
-    def stats(i: int, probs: torch.Tensor, ref: torch.Tensor | None) -> None:
-        ent[i] = metrics.normalized_entropy(probs)[0].cpu().numpy()
-        if ref is not None:
-            js[i] = metrics.js_divergence(ref, probs)[0].cpu().numpy()
-
-    if plan == QuantPlan.none():
-        with lab.engine.quantized(plan):
-            what = ("resid", "gate", "mlp_out", "attn_in", "attn_stats")
-            cap = capture(lab.model, lab.adapter, ids, what, on_attention=stats)
-        if not torch.isfinite(cap.logits).all():
-            raise RuntimeError(
-                f"the full-precision forward of {lab.name!r} gave NaN or infinite logits: its "
-                "weights file is most likely corrupt (e.g. a damaged download); delete the "
-                "cached model files or run `qviz fetch` again"
-            )
-        cap.extra["entropy"] = torch.from_numpy(ent)
-    else:
-        ref_cap = activations(lab, prompt, QuantPlan.none())
-        with lab.engine.quantized(QuantPlan.none()):
-            params = attention_params(lab.model, lab.adapter)
-        reference = AttentionReference(ref_cap.attn_in, params)
-        with lab.engine.quantized(plan):
-            cap = capture(lab.model, lab.adapter, ids, on_attention=stats, reference=reference)
-        cap.extra["entropy"] = torch.from_numpy(ent)
-        cap.extra["js"] = torch.from_numpy(js)
-    lab._acts.put(key, cap)
-    return cap
+    Cached in ``lab`` per (prompt, plan), valid while the model's weights are unchanged
+    (``extra["weights"]``, see ``weights_key``)."""
+    return activations_many(lab, [prompt], plan)[0]
 
 
-def lens_curve(lab: Lab, cap: Capture, tid: int) -> LensCurve:
-    """Logit lens of ``tid`` at the last position of every residual state of ``cap``."""
+@dataclass
+class LensData:
+    """The logit lens at the last position of every residual state of one run, whatever the
+    target: logits [L+1, V] float32, their logsumexp [L+1] and the top-5 tokens' text."""
+
+    logits: torch.Tensor
+    lse: torch.Tensor
+    tops: list[list[str]]
+
+    def curve(self, tid: int) -> LensCurve:
+        logit = self.logits[:, tid]
+        prob = torch.exp(logit - self.lse)
+        rank = (self.logits > logit[:, None]).sum(-1) + 1
+        return LensCurve(prob.numpy(), rank.numpy(), logit.numpy(), self.tops)
+
+
+def lens_many(lab: Lab, prompts: Sequence[str], plan: QuantPlan, chunk: int = 8) -> list[LensData]:
+    """``LensData`` of each prompt under ``plan``, cached in ``lab`` per (prompt, plan, weights);
+    the missing ones are computed ``chunk`` prompts per unembedding matmul."""
+    key = weights_key(lab)
+    found = {p: lab._acts.get(("lens", p, plan, key)) for p in dict.fromkeys(prompts)}
+    missing = [p for p, v in found.items() if v is None]
+    caps = activations_many(lab, missing, plan)
     norm, head = lab.adapter.unembedding(lab.model)
     softcap = lab.adapter.logit_softcap(lab.model)
-    states = cap.resid[:, -1].to(lab.model.device, next(head.parameters()).dtype)
-    with torch.no_grad():
-        logits = metrics.logit_lens(states, norm, head, softcap=softcap).float().cpu()
-    prob, rank, logit = metrics.target_stats(logits, tid)
-    ids, _ = metrics.topk_tokens(logits, k=5)
-    tops = [[lab.tokenizer.decode([int(t)]) for t in row] for row in ids]
-    return LensCurve(prob.numpy(), rank.numpy(), logit.numpy(), tops)
+    dtype = next(head.parameters()).dtype
+    for s in range(0, len(missing), chunk):
+        group = caps[s : s + chunk]
+        states = torch.cat([c.resid[:, -1] for c in group]).to(lab.model.device, dtype)
+        with torch.no_grad():
+            logits = metrics.logit_lens(states, norm, head, softcap=softcap).float().cpu()
+        for p, lg in zip(missing[s : s + chunk], logits.split(lab.n_layers + 1), strict=True):
+            ids, _ = metrics.topk_tokens(lg, k=5)
+            tops = [[lab.tokenizer.decode([int(t)]) for t in row] for row in ids]
+            found[p] = LensData(lg.clone(), torch.logsumexp(lg, -1), tops)
+            lab._acts.put(("lens", p, plan, key), found[p])
+    return [found[p] for p in prompts]
+
+
+def isolation_many(
+    lab: Lab, prompts: Sequence[str], plan: QuantPlan, max_tokens: int = BATCH_TOKENS
+) -> list[Isolation]:
+    """The "perfect input" test (``Lab.isolate``) of each prompt under ``plan``, cached in
+    ``lab`` per (prompt, plan, weights); the missing ones in left-padded batches, each layer
+    fed the cached reference capture's input."""
+    key = weights_key(lab)
+    found = {p: lab._acts.get(("isolation", p, plan, key)) for p in dict.fromkeys(prompts)}
+    missing = [p for p, v in found.items() if v is None]
+    seqs = [lab.encode(p)[0] for p in missing]
+    for batch in length_batches([len(s) for s in seqs], max_tokens):
+        group = [missing[i] for i in batch]
+        refs = [c.resid for c in activations_many(lab, group, QuantPlan.none())]
+        dev, dt = lab.model.device, lab.model.dtype
+        ids, kw = left_pad([seqs[i] for i in batch], dev)
+        inputs = refs[0][:-1] if len(refs) == 1 else pad_states([r[:-1] for r in refs])
+        with lab.engine.quantized(plan):
+            out = isolated_outputs(lab.model, lab.adapter, ids, inputs.to(dev, dt), **kw)
+        for b, (p, ref) in enumerate(zip(group, refs, strict=True)):
+            q = out if len(refs) == 1 else out[:, b, ids.shape[1] - ref.shape[1] :]
+            found[p] = isolation_of(ref.to(dev, dt), q, plan.label)
+            lab._acts.put(("isolation", p, plan, key), found[p])
+    return [copy.deepcopy(found[p]) for p in prompts]
+
+
+def isolation_of(ref: torch.Tensor, q_out: torch.Tensor, label: str) -> Isolation:
+    """Isolation from the reference's residual states [L+1, T, D] and the quantized layers'
+    outputs [L, T, D] on the reference inputs, one layer at a time (float64 temporaries of one
+    layer, not of all: at 1,024 tokens that is ~0.4 GB less at the peak)."""
+    out = []
+    for i in range(len(q_out)):
+        inp, r, q = ref[i : i + 1], ref[i + 1 : i + 2], q_out[i : i + 1]
+        out.append((*metrics.residual_drift(r, q), *metrics.residual_drift(r - inp, q - inp)))
+    cos, rel, dcos, drel = (torch.cat(x).numpy() for x in zip(*out, strict=True))
+    return Isolation(cos, rel, label, delta_cosine=dcos, delta_rel_error=drel)
 
 
 def context_prompts(n: int, exclude: Sequence[str] = ()) -> list[str]:
@@ -96,15 +224,20 @@ def context_prompts(n: int, exclude: Sequence[str] = ()) -> list[str]:
 
 def context_resid(lab: Lab, plan: QuantPlan, prompts: list[str]) -> torch.Tensor:
     """Residual states [L+1, N, D] of the context ``prompts`` under ``plan``, each prompt's
-    first (attention-sink) position left out; cached in ``lab`` per (plan, prompts)."""
-    key = ("context", plan, tuple(prompts))
+    first (attention-sink) position left out; cached in ``lab`` per (plan, prompts, weights),
+    computed in left-padded batches."""
+    key = ("context", plan, tuple(prompts), weights_key(lab))
     hit = lab._acts.get(key)
     if hit is None:
-        parts = []
+        seqs = [lab.encode(p)[0] for p in prompts]
+        parts: list[torch.Tensor | None] = [None] * len(seqs)
         with lab.engine.quantized(plan):
-            for p in prompts:
-                parts.append(capture(lab.model, lab.adapter, lab.encode(p), ("resid",)).resid)
-        hit = Capture(logits=torch.zeros(0), resid=torch.cat([r[:, 1:] for r in parts], dim=1))
+            for batch in length_batches([len(x) for x in seqs], BATCH_TOKENS):
+                group = [seqs[i] for i in batch]
+                caps = capture_batch(lab.model, lab.adapter, group, ("resid",))
+                for i, c in zip(batch, caps, strict=True):
+                    parts[i] = c.resid[:, 1:]
+        hit = Capture(logits=torch.zeros(0), resid=torch.cat(parts, dim=1))
         lab._acts.put(key, hit)
     return hit.resid
 
@@ -112,6 +245,43 @@ def context_resid(lab: Lab, plan: QuantPlan, prompts: list[str]) -> torch.Tensor
 def per_layer(metric, ref: torch.Tensor, quant: torch.Tensor) -> np.ndarray:
     """``metric`` [L] of [L, N, F] pairs, one layer at a time (bounded float64 temporaries)."""
     return torch.cat([metric(ref[i : i + 1], quant[i : i + 1]) for i in range(len(ref))]).numpy()
+
+
+def _targets(target, n: int) -> list:
+    if isinstance(target, (str, int, np.integer)):
+        return [target] * n
+    targets = list(target)
+    if len(targets) != n:
+        raise ValueError(f"{len(targets)} targets for {n} prompts: give one target or one each")
+    return targets
+
+
+def compare_many(
+    lab: Lab,
+    prompts: Sequence[str],
+    targets: str | int | Sequence[str | int],
+    plan: QuantPlan,
+    cancel: threading.Event | None = None,
+    **options,
+) -> list[Comparison]:
+    """``compare(prompts[i], targets[i], plan, **options)`` for every i (``targets``: one for
+    all or one per prompt), the forwards, logit lenses and isolation tests of all prompts
+    batched (one left-padded forward per plan and per batch of ``BATCH_TOKENS`` tokens)."""
+    prompts = list(prompts)
+    targets = _targets(targets, len(prompts))
+    if not prompts:
+        return []
+    for p in (QuantPlan.none(), plan):
+        check_cancel(cancel, f"before the {p.label} runs")
+        activations_many(lab, prompts, p)
+        lens_many(lab, prompts, p)
+    if options.get("isolation", True):
+        check_cancel(cancel, "before the isolation runs")
+        isolation_many(lab, prompts, plan)
+    return [
+        compare(lab, p, t, plan, cancel=cancel, **options)
+        for p, t in zip(prompts, targets, strict=True)
+    ]
 
 
 def compare(
@@ -123,19 +293,42 @@ def compare(
     drop_first: bool = False,
     isolation: bool = True,
     cka_context: int = 0,
+    cancel: threading.Event | None = None,
 ) -> Comparison:
-    """Every diagnostic of ``plan`` against full precision (see ``Lab.compare``)."""
-    from qviz.studies.tracing import isolate
-
+    """Every diagnostic of ``plan`` against full precision (see ``Lab.compare``). The result is
+    cached in ``lab`` per (prompts, target, plan, options, weights); every call returns a copy
+    of its own. ``cancel`` is checked before each forward pass."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts:
         raise ValueError("compare needs at least one prompt")
     if isinstance(cka_context, bool) or not isinstance(cka_context, int) or cka_context < 0:
         raise ValueError(f"cka_context must be an int >= 0, got cka_context={cka_context!r}")
     tid = lab.target_id(target)
+    options = (cka_estimator, bool(drop_first), bool(isolation), cka_context)
+    key = ("compare", tuple(prompts), tid, plan, options, weights_key(lab))
+    hit = lab._acts.get(key)
+    if hit is None:
+        hit = _compare(lab, prompts, tid, plan, *options, cancel)
+        lab._acts.put(key, hit)
+    return copy.deepcopy(hit)
+
+
+def _compare(
+    lab: Lab,
+    prompts: list[str],
+    tid: int,
+    plan: QuantPlan,
+    cka_estimator: str,
+    drop_first: bool,
+    isolation: bool,
+    cka_context: int,
+    cancel: threading.Event | None,
+) -> Comparison:
     n = lab.n_layers
-    ref = [activations(lab, p, QuantPlan.none()) for p in prompts]
-    qnt = [activations(lab, p, plan) for p in prompts]
+    check_cancel(cancel, "before the reference run")
+    ref = activations_many(lab, prompts, QuantPlan.none())
+    check_cancel(cancel, "before the quantized run")
+    qnt = activations_many(lab, prompts, plan)
     s = 1 if drop_first else 0
 
     def pool(caps, field, start=s):  # one prompt: a view, no copy
@@ -145,6 +338,7 @@ def compare(
     ref_res, q_res = pool(ref, "resid"), pool(qnt, "resid")
     if cka_context:
         ctx = context_prompts(cka_context, exclude=prompts)
+        check_cancel(cancel, "before the CKA context runs")
         cka_r = torch.cat([pool(ref, "resid", 1), context_resid(lab, QuantPlan.none(), ctx)], 1)
         cka_q = torch.cat([pool(qnt, "resid", 1), context_resid(lab, plan, ctx)], 1)
     else:
@@ -162,9 +356,11 @@ def compare(
         n_prompts=len(prompts) + cka_context,
         drop_first=bool(drop_first or cka_context),
     )
-    lens = LensTrajectory(
-        lens_curve(lab, ref[0], tid), lens_curve(lab, qnt[0], tid), lab.tokenizer.decode([tid])
+    (lens_r,), (lens_q,) = (
+        lens_many(lab, prompts[:1], QuantPlan.none()),
+        lens_many(lab, prompts[:1], plan),
     )
+    lens = LensTrajectory(lens_r.curve(tid), lens_q.curve(tid), lab.tokenizer.decode([tid]))
     ent_r = np.mean([c.extra["entropy"].numpy() for c in ref], axis=0)
     ent_q = np.mean([c.extra["entropy"].numpy() for c in qnt], axis=0)
     js = np.mean([c.extra.get("js", torch.zeros(ent_q.shape)).numpy() for c in qnt], axis=0)
@@ -178,7 +374,8 @@ def compare(
     drift = [metrics.residual_drift(ref_res[i : i + 1], q_res[i : i + 1]) for i in range(n + 1)]
     residual = ResidualStats(*(torch.cat(x).numpy() for x in zip(*drift, strict=True)))
     mid = slice(n // 3, max(n // 3 + 1, 2 * n // 3))
-    iso = isolate(lab, prompts[0], plan) if isolation else None
+    check_cancel(cancel, "before the logit lens and the isolation run")
+    iso = isolation_many(lab, prompts[:1], plan)[0] if isolation else None
     verdict = Verdict(
         *metrics.verdict(
             cka.values.diagonal(),

@@ -103,3 +103,27 @@ def test_left_padding_changes_nothing():
     torch.testing.assert_close(st[:, 0], alone[:, 0], atol=1e-5, rtol=0)
     assert left_pad([seqs[0], seqs[0]])[1] == {}
     assert list(length_batches([5, 1, 3], max_tokens=6)) == [[1, 2], [0]]
+
+
+def test_capture_batch_equals_one_prompt_captures(tiny_model):
+    """A left-padded batch gives every prompt the capture (and attention maps, and isolated
+    outputs) of its own one-prompt forward, the padding dropped."""
+    from qviz.probes.capture import capture_batch, pad_states
+
+    ad = get_adapter(tiny_model)
+    seqs = [torch.tensor([3, 1, 4]), torch.tensor([1, 5, 9, 2, 6, 5, 3]), torch.tensor([2, 7])]
+    what = ("resid", "attn", "gate", "mlp_out", "attn_in")
+    batch = capture_batch(tiny_model, ad, seqs, what)
+    for s, got in zip(seqs, batch, strict=True):
+        want = capture(tiny_model, ad, s[None], what)
+        for f in ("logits", *what):
+            assert getattr(got, f).shape == getattr(want, f).shape, f
+            torch.testing.assert_close(getattr(got, f), getattr(want, f), atol=1e-5, rtol=1e-4)
+    r = batch[0].resid  # its own memory, not a view keeping the whole batch alive
+    assert r.untyped_storage().nbytes() == r.numel() * r.element_size()
+    ids, kw = left_pad(seqs)
+    outs = isolated_outputs(tiny_model, ad, ids, pad_states([c.resid[:-1] for c in batch]), **kw)
+    for b, (s, c) in enumerate(zip(seqs, batch, strict=True)):
+        alone = isolated_outputs(tiny_model, ad, s[None], c.resid[:-1])
+        torch.testing.assert_close(outs[:, b, -len(s) :], alone, atol=1e-5, rtol=1e-4)
+    assert hook_count(tiny_model) == 0
