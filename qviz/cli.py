@@ -125,7 +125,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from qviz import bench
 
-    return bench.run(args.what, model=args.model, json_out=args.json)
+    return bench.run(args.what, model=args.model, json_out=args.json, uncached=args.uncached)
 
 
 def cmd_prescribe(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ from qviz.bench.compare import bench_compare, bench_memory
 from qviz.bench.quant import bench_gptq, bench_methods, bench_quant, quant_figures
 from qviz.bench.sweep import bench_sweep
 from qviz.bench.trace import bench_trace, fair_per_cell
-from qviz.bench.ui import bench_ui
+from qviz.bench.ui import bench_ui, bench_ui_uncached
 
 __all__ = ["BENCHES", "fair_per_cell", "main", "parser", "quant_figures", "run", "run_one"]
 
@@ -29,6 +29,7 @@ BENCHES: dict[str, Callable[[str], object]] = {
     "gptq": bench_gptq,
     "trace": bench_trace,
     "ui": bench_ui,
+    "ui-uncached": bench_ui_uncached,
     "memory": bench_memory,
     "methods": bench_methods,
     "sweep": bench_sweep,
@@ -42,10 +43,15 @@ def run_one(name: str, model: str = "smollm2-135m") -> dict:
     return {"bench": name, "model": model, **(out or {"ratio": None})}
 
 
-def run(what: str, model: str = "smollm2-135m", json_out: bool = False) -> int:
+def run(
+    what: str, model: str = "smollm2-135m", json_out: bool = False, uncached: bool = False
+) -> int:
     """``qviz bench WHAT``: print each benchmark's figures and its ratio to its same-run
     baseline. With ``json_out`` the text goes to stderr and stdout gets one JSON object per
-    benchmark, one per line (``all``: one line per benchmark, as each finishes)."""
+    benchmark, one per line (``all``: one line per benchmark, as each finishes). ``uncached``
+    turns ``ui`` into ``ui-uncached`` (slider moves to plans never seen)."""
+    if uncached and what == "ui":
+        what = "ui-uncached"
     if what not in BENCHES:
         known = sorted(BENCHES)
         print(f"qviz bench: unknown benchmark {what!r}; choose from {known}", file=sys.stderr)
@@ -74,9 +80,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("what", choices=sorted(BENCHES))
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--json", action="store_true", help="one JSON object per benchmark on stdout")
+    p.add_argument(
+        "--uncached", action="store_true", help="ui: slider moves to plans never seen before"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m qviz.bench quant --json``; the same as ``qviz bench``."""
     args = parser().parse_args(argv)
-    return run(args.what, model=args.model, json_out=args.json)
+    return run(args.what, model=args.model, json_out=args.json, uncached=args.uncached)
