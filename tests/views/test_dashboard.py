@@ -320,3 +320,23 @@ def test_the_budget_plan_is_cancellable():
     assert state.status.startswith("cancelled") and state.budget_result is None
     assert not state.busy
     ctl.close()
+
+
+def test_serve_method_flags_set_the_method_and_the_side_by_side_method(monkeypatch):
+    """`qviz serve --method A --method B`: A is the dashboard's method, B the second plan's."""
+    import qviz.app
+    from qviz import cli
+
+    got: dict = {}
+    monkeypatch.setattr(qviz.app, "serve", lambda **kw: got.update(kw))
+    assert cli.main(["serve", "--method", "rtn", "--method", "gptq", "--port", "5999"]) == 0
+    assert got["methods"] == ["rtn", "gptq"] and got["port"] == 5999
+    assert cli.main(["serve"]) == 0 and got["methods"] == []
+    with pytest.raises(SystemExit, match="given 3 times"):
+        cli.main(["serve", *["--method", "rtn"] * 3])
+    dash = qviz.app._dashboard(tiny_lab(), "tiny", ["rtn", "rtn"])
+    assert dash.state.method == "rtn" and dash.state.method2 == "rtn"
+    dash.controller.close()
+    plain = qviz.app._dashboard(tiny_lab(), "tiny", [])
+    assert plain.state.method2 == "none"
+    plain.controller.close()
