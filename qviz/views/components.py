@@ -20,6 +20,8 @@ from qviz.views.state import (  # noqa: F401 (re-exported: the state's old home)
     method_names,
 )
 
+PAIR_SHRINK = 0.8  # a paired figure's width, relative to its own
+
 
 class _FigureView(pn.viewable.Viewer):
     """A bokeh figure from ``plots`` bound to a DashboardState; clicking it selects a layer.
@@ -40,6 +42,8 @@ class _FigureView(pn.viewable.Viewer):
             from bokeh.layouts import row
 
             self.plot2.root.visible = False
+            for src in self.plot2.sources.values():  # names are unique in a bokeh document
+                src.name = f"{src.name}_b"
             self.root = row(self.plot.root, self.plot2.root)
         self._doc = server_doc()
         self._pane = pn.pane.Bokeh(self.root, sizing_mode="fixed")
@@ -71,6 +75,17 @@ class _FigureView(pn.viewable.Viewer):
         self._draw(self.plot2, s.comparison2)
         if self.plot2.root.visible != two:
             self.plot2.root.visible = two
+        mappers = [p.extra["mapper"] for p in (self.plot, self.plot2) if "mapper" in p.extra]
+        if two and mappers:  # difference maps: one colour scale for both, comparable by eye
+            hi = max(m.high for m in mappers)
+            for m in mappers:
+                if m.high != hi:
+                    m.update(low=-hi, high=hi)
+        for plot in (self.plot, self.plot2):  # narrower while paired: the row stays readable
+            full = plot.extra.setdefault("full_width", plot.root.width)
+            width = int(full * PAIR_SHRINK) if two else full
+            if plot.root.width != width:
+                plot.root.width = width
         plots.tag_plan(self.plot, f"A: {s.comparison.plan_label}" if two else "")
         plots.tag_plan(self.plot2, f"B: {s.comparison2.plan_label}" if two else "")
 

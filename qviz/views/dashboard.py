@@ -171,6 +171,7 @@ class Dashboard(pn.viewable.Viewer):
         method2.css_classes = ["qviz-method2"]
         bits = {SAME: SAME, **{str(b): b for b in range(2, 9)}}
         bits2 = w.Select(name="... its bits", options=bits, value=s.bits2, **kw)
+        bits2.css_classes = ["qviz-bits2"]
         group2 = w.Select(name="... its group size", options={SAME: SAME, **GROUP_SIZES},
                           value=s.group_size2, **kw)  # fmt: skip
         bits2.link(s, value="bits2")

@@ -247,6 +247,9 @@ def test_a_second_plan_is_shown_beside_the_first_and_none_restores():
     assert list(ffn["ffn2"].data["flip"]) == list(state.comparison2.ffn.flip_rate)
     assert list(ffn["ffn"].data["x"]) == [i - 0.2 for i in range(3)]  # paired bars
     assert views["attention"].plot2.root.visible
+    diff = views["cka_diff"]
+    assert diff.plot.extra["mapper"].high == diff.plot2.extra["mapper"].high  # one scale
+    assert diff.plot2.sources["diff"].name == "qviz_cka_diff_b"  # names stay unique
     assert card.text.count("qviz-verdict-mode") == 2 and "rtn2-g32" in card.text
     assert state.status == "showing rtn4-g32 beside rtn2-g32"
     state.method2 = "none"
