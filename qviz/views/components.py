@@ -254,7 +254,10 @@ class PatchingHeatmap(_FigureView):
         plots.update_patch(self.plot, self.state.patch_grid)
 
     def _stale(self) -> str:
-        grid, asked = self.state.patch_grid, self.state.asked()
+        s = self.state
+        grid, asked = s.patch_grid, s.asked()
+        if s.budget_on and asked is not None:  # the prescribed plan shown is the one traced
+            asked = (s.comparison.plan_label if s.comparison else "", *asked[1:])
         if grid is None or asked is None or grid.plan_label == asked[0]:
             return ""
         return f"stale: traced {grid.plan_label}, asked {asked[0]} (run tracing again)"

@@ -389,9 +389,10 @@ class Controller:
 
     # tracing --------------------------------------------------------------------------------
     def request_trace(self, *_events) -> None:
-        """Run the causal-tracing sweep of the current settings in the background."""
+        """Run the causal-tracing sweep of the current settings (the budget plan: the
+        prescribed plan shown) in the background."""
         s = self.state
-        plan = self._plan()
+        plan = s.budget_result[0].plan if s.budget_on and s.budget_result else self._plan()
         if plan is None or self._closed:
             return
         prompt, target, comp = s.prompt, s.target, s.component

@@ -122,6 +122,11 @@ def test_ipywidgets_front_shares_state_and_plots(lab):
     assert d.wait(WAIT)
     assert d.state.comparison.plan_label == "rtn3-g128"
     assert len(d.views["cka"].plot.sources["cka"].data["cka"]) > 0
+    second = next(w for w in d.controls.children if getattr(w, "description", "") == "Beside")
+    second.value = "rtn"
+    assert d.wait(WAIT)
+    assert d.state.comparison2.plan_label == "rtn3-g128" and "qviz-side" in d.verdict.value
+    assert d.views["cka"].plot2.root.visible and d.figures["cka"]._model is d.views["cka"].root
 
 
 def test_report_is_standalone_html(lab):
