@@ -164,6 +164,14 @@ class Dashboard(pn.viewable.Viewer):
             width=280,
         )
 
+    def _budget_from_widget(self, event) -> None:
+        if event.new is not None:
+            self._widget_budget = self.state.budget = float(event.new)
+
+    def _budget_to_widget(self, event) -> None:
+        if event.new != self._widget_budget:
+            self._widget_budget = self.budget_slider.value = event.new
+
     def _compare_controls(self, kw: dict) -> list:
         """Side by side (a second method or plan) and the budget plan (prescribed vs uniform)."""
         s, w = self.state, pn.widgets
@@ -183,8 +191,9 @@ class Dashboard(pn.viewable.Viewer):
             name="Budget (bits per weight)", start=2.5, end=8.0, step=0.25, value=s.budget,
             css_classes=["qviz-budget"], **kw,
         )  # fmt: skip
-        self.budget_slider.param.watch(lambda e: setattr(s, "budget", e.new), "value_throttled")
-        s.param.watch(lambda e: setattr(self.budget_slider, "value", e.new), "budget")
+        self._widget_budget = s.budget  # as for the bits slider: never echo its own value back
+        self.budget_slider.param.watch(self._budget_from_widget, "value_throttled")
+        s.param.watch(self._budget_to_widget, "budget")
         return [method2, bits2, group2, budget_on, self.budget_slider]
 
     def _on_busy(self, *_events) -> None:
