@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
 
 _LABS: dict[str, object] = {}
 # prompts longer than this are refused with a message in the served page (the API's default is
@@ -51,16 +52,25 @@ def _load_in_background(model: str) -> threading.Thread:
     return t
 
 
-def create_app(model: str = "smollm2-135m"):
-    """One session's page: a loading indicator, replaced by the Dashboard once the model is in."""
-    import panel as pn
-
+def _dashboard(lab, model: str, methods: Sequence[str]):
+    """A session's Dashboard; ``methods`` set its method, then its side-by-side method."""
     from qviz.views import Dashboard
+    from qviz.views.state import DashboardState
+
+    state = DashboardState(model=model)
+    state.param.update(dict(zip(("method", "method2"), methods, strict=False)))
+    return Dashboard(lab, state)
+
+
+def create_app(model: str = "smollm2-135m", methods: Sequence[str] = ()):
+    """One session's page: a loading indicator, replaced by the Dashboard once the model is in.
+    ``methods``: the dashboard's method, then the side-by-side one (both optional)."""
+    import panel as pn
 
     header = pn.pane.Markdown(f"## qviz: how weight quantization breaks {model}", margin=(5, 10))
     root = pn.Column(header, sizing_mode="stretch_width")
     if model in _LABS:
-        root.append(Dashboard(_LABS[model]))
+        root.append(_dashboard(_LABS[model], model, methods))
         return root
     spinner = pn.indicators.LoadingSpinner(value=True, size=40, name="Loading model ...")
     msg = pn.pane.Str(f"Loading {model} ...", css_classes=["qviz-loading"])
@@ -69,7 +79,7 @@ def create_app(model: str = "smollm2-135m"):
     def swap() -> bool:
         """Replace the spinner once the model is in (or failed); True when done."""
         if model in _LABS:
-            root[1:] = [Dashboard(_LABS[model])]
+            root[1:] = [_dashboard(_LABS[model], model, methods)]
         elif model in _ERRORS:
             root[1:] = [
                 pn.pane.Alert(
@@ -108,8 +118,10 @@ def serve(
     port: int = 5006,
     address: str = "127.0.0.1",
     show: bool = False,
+    methods: Sequence[str] = (),
 ) -> None:
-    """Serve the Dashboard with Panel's server (resources served locally); blocks."""
+    """Serve the Dashboard with Panel's server (resources served locally); blocks.
+    ``methods``: the dashboard's method, then the side-by-side one (``--method``, repeatable)."""
     import panel as pn
 
     _load_in_background(model)
@@ -119,7 +131,7 @@ def serve(
     print(f"qviz: serving {model} on http://{address}:{port}/", flush=True)
 
     def app():
-        return create_app(model)
+        return create_app(model, methods)
 
     pn.serve(
         {"/": app},

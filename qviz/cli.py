@@ -83,7 +83,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """The Dashboard via Panel's server (bound to 127.0.0.1 unless --address says otherwise)."""
     from qviz.app import serve
 
-    serve(model=args.model, port=args.port, address=args.address, show=args.show)
+    methods = args.method or []
+    if len(methods) > 2:
+        raise SystemExit(
+            f"qviz serve: --method given {len(methods)} times ({', '.join(methods)}); give it "
+            "once (the dashboard's method) or twice (that, and the side-by-side method)"
+        )
+    serve(model=args.model, port=args.port, address=args.address, show=args.show, methods=methods)
     return 0
 
 
@@ -205,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=5006)
     p.add_argument("--address", default="127.0.0.1", help="interface to bind (default local)")
     p.add_argument("--show", action="store_true", help="open a browser tab")
+    p.add_argument(
+        "--method", action="append", choices=method_names(),
+        help="the dashboard's method; a second --method is shown side by side",
+    )  # fmt: skip
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("prescribe", help="least-KL per-layer plan within a bits/weight budget")
     p.add_argument("--model", default="smollm2-135m")

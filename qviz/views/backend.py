@@ -148,6 +148,46 @@ class Backend:
             rows.append({**row, "bits": bits, "label": f"{bits}-bit"})
         return rows
 
+    # the budget plan (issue 17): prescription and the uniform plan of the same budget --------
+    def prescribe(self, budget: float, method: str, group_size, cancel=None):
+        """``lab.prescribe`` for the dashboard (no baselines, no greedy search, no check): the
+        per-layer sensitivity of (method, group size) is measured once and reused by every
+        later budget, so only the first call spends the ~L x 4 forward passes."""
+        lab = self.lab
+
+        def compute():
+            sens = self.peek(("sensitivity", method, group_size))
+            kw = {"sensitivity": sens} if sens is not None else {}
+            pres = lab.prescribe(
+                float(budget), methods=(method,), group_size=group_size, cancel=cancel,
+                baselines=False, greedy=False, check=False, **kw,
+            )  # fmt: skip
+            self._cached(("sensitivity", method, group_size), lambda: pres.sensitivity)
+            return pres
+
+        return self._cached(("prescribe", float(budget), method, group_size), compute)
+
+    def uniform_within(self, budget: float, method: str, group_size) -> tuple | None:
+        """(plan, decoder bits/weight) of the uniform plan of ``method`` with the most bits
+        per weight within ``budget`` (bits 2..8, the dashboard's group sizes; the footprint
+        counts decoder Linears as prescribe does); None when none fits."""
+        from qviz.quant.memory import footprint
+
+        def compute():
+            best = None
+            for bits in range(2, 9):
+                for group in dict.fromkeys([group_size, 32, 64, 128, None]):
+                    try:
+                        plan = QuantPlan.uniform(QuantConfig(bits, group, method=method))
+                    except ValueError:  # a group size the method cannot use
+                        continue
+                    eff = footprint(self.lab.model, plan, include_embeddings=False).effective_bits
+                    if eff <= budget + 1e-9 and (best is None or eff > best[1]):
+                        best = (plan, float(eff))
+            return best
+
+        return self._cached(("uniform", float(budget), method, group_size), compute)
+
 
 _BACKENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Lab -> Backend, weakly
 _BACKENDS_LOCK = threading.Lock()

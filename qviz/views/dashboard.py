@@ -22,7 +22,7 @@ from qviz.views.session import (  # noqa: F401 (re-exported: their old home)
     plan_for,
     server_doc,
 )
-from qviz.views.state import GROUP_SIZES, DashboardState, method_names
+from qviz.views.state import GROUP_SIZES, SAME, DashboardState, method_names
 
 
 def in_voila() -> bool:
@@ -126,6 +126,7 @@ class Dashboard(pn.viewable.Viewer):
             s.param.protect_first, name="Protect first k (8-bit)", **kw
         )
         component = w.Select.from_param(s.param.component, name="Tracing component", **kw)
+        compare = self._compare_controls(kw)
         self.trace_button = w.Button(name="Run causal tracing", button_type="primary")
         self.trace_button.on_click(lambda _e: self.request_trace())
         self.acc_button = w.Button(name=f"Measure accuracy ({N_FACTS} facts)")
@@ -151,6 +152,7 @@ class Dashboard(pn.viewable.Viewer):
             sym,
             method,
             protect,
+            *compare,
             self.layer_input,
             component,
             self.trace_button,
@@ -161,6 +163,38 @@ class Dashboard(pn.viewable.Viewer):
             self.alert,
             width=280,
         )
+
+    def _budget_from_widget(self, event) -> None:
+        if event.new is not None:
+            self._widget_budget = self.state.budget = float(event.new)
+
+    def _budget_to_widget(self, event) -> None:
+        if event.new != self._widget_budget:
+            self._widget_budget = self.budget_slider.value = event.new
+
+    def _compare_controls(self, kw: dict) -> list:
+        """Side by side (a second method or plan) and the budget plan (prescribed vs uniform)."""
+        s, w = self.state, pn.widgets
+        method2 = w.Select.from_param(s.param.method2, name="Side by side: second method", **kw)
+        method2.css_classes = ["qviz-method2"]
+        bits = {SAME: SAME, **{str(b): b for b in range(2, 9)}}
+        bits2 = w.Select(name="... its bits", options=bits, value=s.bits2, **kw)
+        bits2.css_classes = ["qviz-bits2"]
+        group2 = w.Select(name="... its group size", options={SAME: SAME, **GROUP_SIZES},
+                          value=s.group_size2, **kw)  # fmt: skip
+        bits2.link(s, value="bits2")
+        group2.link(s, value="group_size2")
+        budget_on = w.Checkbox.from_param(
+            s.param.budget_on, name="Budget plan: prescribed vs uniform (slow first time)"
+        )
+        self.budget_slider = w.FloatSlider(
+            name="Budget (bits per weight)", start=2.5, end=8.0, step=0.25, value=s.budget,
+            css_classes=["qviz-budget"], **kw,
+        )  # fmt: skip
+        self._widget_budget = s.budget  # as for the bits slider: never echo its own value back
+        self.budget_slider.param.watch(self._budget_from_widget, "value_throttled")
+        s.param.watch(self._budget_to_widget, "budget")
+        return [method2, bits2, group2, budget_on, self.budget_slider]
 
     def _on_busy(self, *_events) -> None:
         s = self.state

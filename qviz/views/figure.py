@@ -86,21 +86,34 @@ STALE_COLOR = "#b26a00"
 def mark_stale(plot: Plot, note: str = "") -> None:
     """Show ``note`` (e.g. "stale: showing 4-bit, asked 2-bit") above the view and dim it;
     an empty note clears the mark. In place: one Title model made on first use, then toggled."""
-    badge = plot.extra.get("stale")
-    if badge is None:
-        if not note:
-            return
-        badge = Title(text=note, text_color=STALE_COLOR, text_font_size="9pt", visible=False)
-        kids = getattr(plot.root, "children", None)  # a column of figures: the top one
-        fig = kids[0] if kids else plot.root
-        fig.add_layout(badge, "above")
-        plot.extra["stale"] = badge
-    if badge.text != note or badge.visible != bool(note):
-        badge.update(text=note or badge.text, visible=bool(note))
+    if not _title_above(plot, "stale", note, text_color=STALE_COLOR, text_font_size="9pt"):
+        return
     # BokehJS keeps a style that is removed, so clearing sets full opacity explicitly
     styles = {"opacity": "0.45" if note else "1"}
     if dict(plot.root.styles or {}) != styles:
         plot.root.styles = styles
+
+
+def _title_above(plot: Plot, key: str, note: str, **style) -> bool:
+    """Show ``note`` in a Title above the top figure of ``plot`` (made on first use, then
+    toggled in place); False when there is none and ``note`` is empty."""
+    badge = plot.extra.get(key)
+    if badge is None:
+        if not note:
+            return False
+        badge = Title(text=note, visible=False, **style)
+        kids = getattr(plot.root, "children", None)  # a column of figures: the top one
+        fig = kids[0] if kids else plot.root
+        fig.add_layout(badge, "above")
+        plot.extra[key] = badge
+    if badge.text != note or badge.visible != bool(note):
+        badge.update(text=note or badge.text, visible=bool(note))
+    return True
+
+
+def tag_plan(plot: Plot, note: str = "") -> None:
+    """Name the plan a figure shows ("A: rtn2-g128") while two are side by side; "" hides it."""
+    _title_above(plot, "tag", note, text_font_size="10pt", text_font_style="bold")
 
 
 def layer_from_tap(plot_kind: str, x: float | None, y: float | None) -> int | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import html
 
 import numpy as np
+from bokeh.core.properties import value
 from bokeh.layouts import column
 from bokeh.models import (
     BasicTicker,
@@ -32,6 +33,7 @@ from qviz.results import (
     FFNStats,
     LayerMap,
     LensTrajectory,
+    Prescription,
 )
 from qviz.views.figure import (  # noqa: F401 (re-exported: the figures' common base)
     QUANT_COLOR,
@@ -47,6 +49,7 @@ from qviz.views.figure import (  # noqa: F401 (re-exported: the figures' common 
     layer_from_tap,
     mark_stale,
     select,
+    tag_plan,
 )
 from qviz.views.sweeps import (  # noqa: F401 (re-exported: tracing and memory figures)
     pareto_data,
@@ -58,6 +61,8 @@ from qviz.views.sweeps import (  # noqa: F401 (re-exported: tracing and memory f
     update_patch,
 )
 from qviz.views.text import MODE_COLORS, layer_summary, verdict_html  # noqa: F401 (re-export)
+
+B_COLOR = "#55a868"  # the second plan's curves (side by side)
 
 
 # CKA ------------------------------------------------------------------------------------------
@@ -225,6 +230,7 @@ def lens_plot(lens: LensTrajectory | None = None, height: int = 200, width: int 
         toolbar_location="above",
     )  # fmt: skip
     src = ColumnDataSource(lens_data(None), name="qviz_lens")
+    src2 = ColumnDataSource(lens_data(None), name="qviz_lens2")  # the second plan, if any
     for fig, ref, qnt in ((pfig, "p_ref", "p_quant"), (rfig, "r_ref", "r_quant")):
         fig.line("layer", ref, source=src, color=REF_COLOR, line_width=2, legend_label="reference")
         fig.scatter("layer", ref, source=src, color=REF_COLOR, size=4)
@@ -232,6 +238,9 @@ def lens_plot(lens: LensTrajectory | None = None, height: int = 200, width: int 
             "layer", qnt, source=src, color=QUANT_COLOR, line_width=2, legend_label="quantized"
         )
         fig.scatter("layer", qnt, source=src, color=QUANT_COLOR, size=4)
+        kw = {"source": src2, "color": B_COLOR, "line_width": 2, "line_dash": "dashed"}
+        fig.line("layer", qnt, legend_label="second plan", **kw)
+        fig.scatter("layer", qnt, source=src2, color=B_COLOR, size=4)
         fig.legend.location = "top_left" if fig is pfig else "top_right"
         fig.legend.label_text_font_size = "8pt"
         fig.legend.background_fill_alpha = 0.5
@@ -248,23 +257,41 @@ def lens_plot(lens: LensTrajectory | None = None, height: int = 200, width: int 
         )
     rfig.xaxis.axis_label = "residual state (0 = embeddings)"
     markers = _markers(pfig, ("height",)) + _markers(rfig, ("height",))
-    plot = Plot(column(pfig, rfig), {"lens": src}, markers, {"prob": pfig, "rank": rfig})
+    plot = Plot(
+        column(pfig, rfig), {"lens": src, "lens2": src2}, markers, {"prob": pfig, "rank": rfig}
+    )
     plot.state_indexed = True
     update_lens(plot, lens)
     return plot
 
 
-def update_lens(plot: Plot, lens: LensTrajectory | None) -> None:
-    """Replace the lens curves in place; the title names the target."""
-    data = lens_data(lens)
+def update_lens(
+    plot: Plot,
+    lens: LensTrajectory | None,
+    lens2: LensTrajectory | None = None,
+    labels: tuple[str, str] = ("", ""),
+) -> None:
+    """Replace the lens curves in place; the title names the target. ``lens2``: a second
+    plan's quantized curves on the same axes (dashed), the legend naming both ``labels``."""
+    data, data2 = lens_data(lens), lens_data(lens2)
     plot.sources["lens"].data = data
+    plot.sources["lens2"].data = data2
     n = len(data["layer"]) or 1
     pfig, rfig = plot.extra["prob"], plot.extra["rank"]
     _set_range(pfig.x_range, -0.5, n - 0.5)
+    two = lens2 is not None
+    for fig in (pfig, rfig):
+        items = fig.legend[0].items  # reference, quantized, second plan
+        want = [("reference", True), (f"A: {labels[0]}" if two else "quantized", True)]
+        for item, (text, shown) in zip(items, [*want, (f"B: {labels[1]}", two)], strict=True):
+            if item.label != value(text) or item.visible != shown:
+                item.update(label=value(text), visible=shown)
     if lens is not None:
-        pmax = float(max(np.max(data["p_ref"]), np.max(data["p_quant"]), 1e-3))
+        pq = [*data["p_quant"], *data2["p_quant"]]
+        rq = [*data["r_quant"], *data2["r_quant"]]
+        pmax = float(max(np.max(data["p_ref"]), np.max(pq), 1e-3))
         _set_range(pfig.y_range, 0.0, min(1.0, pmax * 1.1))
-        rmax = float(max(np.max(data["r_ref"]), np.max(data["r_quant"]), 10.0))
+        rmax = float(max(np.max(data["r_ref"]), np.max(rq), 10.0))
         _set_range(rfig.y_range, rmax * 2, 0.8)
         text = f"Logit lens: probability of {lens.target!r}"
         if pfig.title.text != text:
@@ -324,13 +351,16 @@ def update_attention(plot: Plot, att: AttentionStats | None) -> None:
 
 
 # FFN ------------------------------------------------------------------------------------------
-def ffn_data(ffn: FFNStats | None) -> dict:
-    """Per decoder layer: gate sign flip rate, a colour (severe above 30%), Jaccard, cosine."""
+def ffn_data(ffn: FFNStats | None, offset: float = 0.0, width: float = 0.8) -> dict:
+    """Per decoder layer: gate sign flip rate, a colour (severe above 30%), Jaccard, cosine;
+    the bar's centre x (layer + ``offset``: paired bars side by side) and ``width``."""
     if ffn is None:
-        return {k: [] for k in ("layer", "flip", "color", "jaccard", "cosine")}
+        return {k: [] for k in ("layer", "x", "w", "flip", "color", "jaccard", "cosine")}
     flip = np.asarray(ffn.flip_rate, dtype=float)
     return {
         "layer": np.arange(len(flip)),
+        "x": np.arange(len(flip)) + offset,
+        "w": np.full(len(flip), width),
         "flip": flip,
         "color": [SELECT_COLOR if f > SEVERE_FLIP else "#8c8c8c" for f in flip],
         "jaccard": np.asarray(ffn.jaccard, dtype=float),
@@ -345,7 +375,12 @@ def ffn_plot(ffn: FFNStats | None = None, height: int = 240, width: int = 460) -
         height=height, width=width, tools=TOOLS, toolbar_location="above",
     )  # fmt: skip
     src = ColumnDataSource(ffn_data(None), name="qviz_ffn")
-    fig.vbar("layer", top="flip", width=0.8, source=src, fill_color="color", line_color=None)
+    fig.vbar("x", top="flip", width="w", source=src, fill_color="color", line_color=None)
+    src2 = ColumnDataSource(ffn_data(None), name="qviz_ffn2")  # the second plan: hatched bars
+    fig.vbar(
+        "x", top="flip", width="w", source=src2, fill_color="color", fill_alpha=0.5,
+        line_color="#333333", hatch_pattern="/", hatch_alpha=0.6,
+    )  # fmt: skip
     fig.add_layout(
         Span(location=SEVERE_FLIP, dimension="width", line_color="black", line_dash="dashed")
     )
@@ -362,15 +397,90 @@ def ffn_plot(ffn: FFNStats | None = None, height: int = 240, width: int = 460) -
             ]
         )
     )
-    plot = Plot(fig, {"ffn": src}, _markers(fig, ("height",)))
+    plot = Plot(fig, {"ffn": src, "ffn2": src2}, _markers(fig, ("height",)))
     update_ffn(plot, ffn)
     return plot
 
 
-def update_ffn(plot: Plot, ffn: FFNStats | None) -> None:
-    data = ffn_data(ffn)
+def update_ffn(plot: Plot, ffn: FFNStats | None, ffn2: FFNStats | None = None) -> None:
+    """Replace the bars in place; with ``ffn2`` each layer gets a pair (left first plan,
+    right, hatched, the second)."""
+    two = ffn2 is not None
+    data = ffn_data(ffn, -0.2, 0.4) if two else ffn_data(ffn)
+    data2 = ffn_data(ffn2, 0.2, 0.4)
     plot.sources["ffn"].data = data
+    plot.sources["ffn2"].data = data2
     n = len(data["layer"]) or 1
     _set_range(plot.root.x_range, -0.5, n - 0.5)
-    top = max(0.4, float(np.max(data["flip"])) * 1.1) if len(data["flip"]) else 0.5
+    flips = [*data["flip"], *data2["flip"]]
+    top = max(0.4, float(np.max(flips)) * 1.1) if flips else 0.5
     _set_range(plot.root.y_range, 0.0, round(top, 3))
+
+
+# the budget plan (prescription) -----------------------------------------------------------------
+BITS_COLORS = {2: "#c62828", 3: "#ef6c00", 4: "#9e9d24", 5: "#7cb342", 6: "#43a047", 8: "#2e7d32"}
+
+
+def budget_data(pres: Prescription | None) -> dict:
+    """Per decoder layer: the prescribed bits, the option's label, its KL increase, a colour."""
+    if pres is None:
+        return {k: [] for k in ("layer", "bits", "option", "kl", "color")}
+    frame = pres.to_frame()
+    bits = frame["bits"].to_numpy(dtype=float)
+    return {
+        "layer": frame["layer"].to_numpy(),
+        "bits": bits,
+        "option": list(frame["option"]),
+        "kl": frame["kl_increase"].to_numpy(dtype=float),
+        "color": [BITS_COLORS.get(int(b), "#1565c0") for b in bits],
+    }
+
+
+def budget_plot(height: int = 220, width: int = 900) -> Plot:
+    """The prescribed plan: bits per decoder layer, the budget (solid) and the uniform plan of
+    the same budget (dashed); hidden until a prescription is shown."""
+    fig = figure(
+        title="Budget plan: bits per layer", x_range=Range1d(-0.5, 0.5), y_range=Range1d(0, 9),
+        height=height, width=width, tools=TOOLS, toolbar_location="above", visible=False,
+    )  # fmt: skip
+    src = ColumnDataSource(budget_data(None), name="qviz_budget")
+    fig.vbar("layer", top="bits", width=0.8, source=src, fill_color="color", line_color=None)
+    budget = Span(location=0, dimension="width", line_color="black", line_width=2)
+    uniform = Span(location=0, dimension="width", line_color=B_COLOR, line_dash="dashed",
+                   line_width=2)  # fmt: skip
+    fig.add_layout(budget)
+    fig.add_layout(uniform)
+    how = Title(text="", text_font_size="8pt")
+    fig.add_layout(how, "below")
+    fig.xaxis.axis_label = "decoder layer"
+    fig.yaxis.axis_label = "bits"
+    fig.add_tools(
+        HoverTool(tooltips=[("layer", "@layer"), ("option", "@option"), ("KL", "@kl{0.0000}")])
+    )
+    extra = {"budget": budget, "uniform": uniform, "how": how}
+    return Plot(fig, {"budget": src}, _markers(fig, ("height",)), extra)
+
+
+def update_budget(plot: Plot, result: tuple | None) -> None:
+    """Show ``(Prescription, uniform plan label, its bits/weight)`` in place; None hides it."""
+    pres = None if result is None else result[0]
+    data = budget_data(pres)
+    plot.sources["budget"].data = data
+    fig = plot.root
+    if fig.visible != (pres is not None):
+        fig.visible = pres is not None
+    if pres is None:
+        return
+    _set_range(fig.x_range, -0.5, len(data["layer"]) - 0.5)
+    _, uni_label, uni_bits = result
+    plot.extra["budget"].location = float(pres.budget_bits)
+    plot.extra["uniform"].location = float(uni_bits)
+    fig.title.text = (
+        f"Budget {pres.budget_bits:g} bits/weight: prescribed plan {pres.effective_bits:.2f} "
+        f"bits/weight (bars, bits per layer), uniform {uni_label} {uni_bits:.2f} (dashed)"
+    )
+    plot.extra[
+        "how"
+    ].text = (
+        "solid line: the budget; each layer's bits chosen to least raise KL on calibration text"
+    )

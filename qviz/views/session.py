@@ -166,6 +166,23 @@ class Progress:
         self.report(f"preparing {self.label}: layer {done}/{total}{eta} ...")
 
 
+class StepEvent(threading.Event):
+    """A job's cancel event that also counts its steps: each ``check_cancel`` asks ``is_set``
+    once, so ``on_step(steps)`` reports progress of work that takes no progress callback."""
+
+    def __init__(self, cancel: threading.Event, on_step: Callable[[int], None]) -> None:
+        super().__init__()
+        self._cancel, self._on_step, self.steps = cancel, on_step, 0
+
+    def is_set(self) -> bool:
+        self.steps += 1
+        self._on_step(self.steps)
+        return self._cancel.is_set()
+
+    def set(self) -> None:
+        self._cancel.set()
+
+
 class Controller:
     """Turns one session's settings into background work on the shared Backend.
 
@@ -192,7 +209,9 @@ class Controller:
             "pareto": Worker(self._on_pareto, dispatch, "qviz-pareto"),
         }
         self._busy = dict.fromkeys(self.KINDS, False)
-        state.param.watch(self.request_compare, list(DashboardState.SETTINGS))
+        self._budget_key = None
+        settings = [*DashboardState.SETTINGS, *DashboardState.SETTINGS2]
+        state.param.watch(self.request_compare, settings)
         state.param.watch(
             self.request_pareto, ["group_size", "symmetric", "method", "protect_first"]
         )
@@ -246,35 +265,105 @@ class Controller:
 
     # compare --------------------------------------------------------------------------------
     def request_compare(self, *_events) -> None:
-        """Compare the current settings (instant when cached); supersedes older requests."""
+        """Compare the current settings (instant when cached), and the second plan beside it
+        when there is one; supersedes older requests. The budget plan: ``_request_budget``."""
         s = self.state
+        if self._closed:
+            return
+        if s.budget_on:
+            return self._request_budget()
+        self._budget_key = None
         plan = self._plan()
-        if plan is None or self._closed:
+        if plan is None:
+            return
+        try:
+            plan2 = s.plan2()
+            if plan2 is not None:
+                self.lab.check(plan2)
+        except (ValueError, ImportError) as err:
+            s.error = str(err)
             return
         prompt, target = s.prompt, s.target
-        asked = (plan.label, prompt, target)
+        asked, asked2 = (plan.label, prompt, target), s.asked2()
         cancel = self._fresh_cancel("compare")  # a newer request or a cached setting: stop
-        cached = self.backend.peek(Backend.compare_key(prompt, target, plan))
-        if cached is not None:  # no model work, but still through the worker: newest wins
-            self._workers["compare"].submit(lambda: (asked, cached))
-            return
-        first = (
-            f"preparing {plan.label}: capturing calibration inputs ..."
-            if any(needs_calibration(c.method) for c in _configs(plan))
-            else f"computing {plan.label} ..."
-        )
-        self._set_busy("compare", True, first)
-        token_box: dict = {}
+        plans = [p for p in (plan, plan2) if p is not None]
+        cached = [self.backend.peek(Backend.compare_key(prompt, target, p)) for p in plans]
 
-        def say(msg: str) -> None:  # the token is known once submit returns
-            self._report("compare", token_box.get("token"), msg)
+        def result(c1, c2=None) -> dict:
+            shown2 = asked2 if c2 is not None else None
+            return {"comparison": c1, "shown": asked, "comparison2": c2, "shown2": shown2,
+                    "budget_result": None}  # fmt: skip
+
+        if all(c is not None for c in cached):  # no model work, but through the worker too
+            self._workers["compare"].submit(lambda: result(*cached))
+            return
+        first = plans[0] if cached[0] is None else plans[1]
+        say = self._start("compare", self._first_status(first))
 
         def work():
-            self.lab.prepare(plan, cancel=cancel, on_progress=Progress(plan.label, say))
-            say(f"comparing {plan.label} with full precision ...")
-            return asked, self.backend.compare(prompt, target, plan, cancel=cancel)
+            return result(*[self._compare_one(p, prompt, target, cancel, say) for p in plans])
 
-        token_box["token"] = self._workers["compare"].submit(work)
+        say.token = self._workers["compare"].submit(work)
+
+    def _start(self, kind: str, status: str):
+        """Busy with ``status``; returns ``say(msg)`` reporting while ``say.token`` is newest."""
+        self._set_busy(kind, True, status)
+
+        def say(msg: str) -> None:  # the token is known once submit returns
+            self._report(kind, say.token, msg)
+
+        say.token = None
+        return say
+
+    @staticmethod
+    def _first_status(plan) -> str:
+        if any(needs_calibration(c.method) for c in _configs(plan)):
+            return f"preparing {plan.label}: capturing calibration inputs ..."
+        return f"computing {plan.label} ..."
+
+    def _compare_one(self, plan, prompt: str, target: str, cancel, say):
+        """Prepare ``plan`` (progress per layer) and compare it with full precision."""
+        key = Backend.compare_key(prompt, target, plan)
+        cached = self.backend.peek(key)
+        if cached is not None:
+            return cached
+        say(self._first_status(plan))
+        self.lab.prepare(plan, cancel=cancel, on_progress=Progress(plan.label, say))
+        say(f"comparing {plan.label} with full precision ...")
+        return self.backend.compare(prompt, target, plan, cancel=cancel)
+
+    def _request_budget(self) -> None:
+        """The budget plan: prescribe (slow the first time: ~L x 4 forward passes, with
+        progress), then compare it and the uniform plan of the same budget, side by side."""
+        s = self.state
+        budget, method, group = float(s.budget), s.method, s.group_size
+        prompt, target = s.prompt, s.target
+        key = (budget, method, group, prompt, target)
+        if key == self._budget_key and self._busy["compare"]:
+            return  # already under way (a setting the budget plan does not use changed)
+        self._budget_key = key
+        asked, asked2 = s.asked(), s.asked2()
+        cancel = self._fresh_cancel("compare")
+        say = self._start("compare", f"prescribing {budget:g} bits/weight ...")
+        total = self.backend.n_layers * 4  # sensitivity steps: layers x candidates (2, 3, 4, 8)
+        t0 = time.monotonic()
+
+        def step(done: int) -> None:
+            if done < total and done % 2 == 0:
+                eta = (time.monotonic() - t0) / done * (total - done)
+                say(f"prescribing {budget:g} bits/weight: sensitivity {done}/{total}, "
+                    f"ETA {mmss(eta)} ...")  # fmt: skip
+
+        def work():
+            pres = self.backend.prescribe(budget, method, group, cancel=StepEvent(cancel, step))
+            uni = self.backend.uniform_within(budget, method, group)
+            c1 = self._compare_one(pres.plan, prompt, target, cancel, say)
+            c2 = None if uni is None else self._compare_one(uni[0], prompt, target, cancel, say)
+            uniform = (uni[0].label, uni[1]) if uni else ("none", 0.0)
+            return {"comparison": c1, "shown": asked, "comparison2": c2, "shown2": asked2,
+                    "budget_result": (pres, *uniform)}  # fmt: skip
+
+        say.token = self._workers["compare"].submit(work)
 
     def _on_compare(self, result, error, token) -> None:
         s = self.state
@@ -289,19 +378,21 @@ class Controller:
             s.error = f"{type(error).__name__}: {error}"
             self._set_busy("compare", False, "")
             return
-        asked, cmp = result
-        updates = {"comparison": cmp, "shown": asked, "error": ""}
+        cmp, cmp2 = result["comparison"], result["comparison2"]
+        updates = {**result, "error": ""}
         n = len(cmp.ffn.flip_rate)
         if s.selected_layer is None or s.selected_layer >= n:
             updates["selected_layer"] = n // 2
         s.param.update(**updates)
-        self._set_busy("compare", False, f"showing {cmp.plan_label}")
+        shown = " beside ".join(c.plan_label for c in (cmp, cmp2) if c is not None)
+        self._set_busy("compare", False, f"showing {shown}")
 
     # tracing --------------------------------------------------------------------------------
     def request_trace(self, *_events) -> None:
-        """Run the causal-tracing sweep of the current settings in the background."""
+        """Run the causal-tracing sweep of the current settings (the budget plan: the
+        prescribed plan shown) in the background."""
         s = self.state
-        plan = self._plan()
+        plan = s.budget_result[0].plan if s.budget_on and s.budget_result else self._plan()
         if plan is None or self._closed:
             return
         prompt, target, comp = s.prompt, s.target, s.component

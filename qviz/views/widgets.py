@@ -13,6 +13,7 @@ import ipywidgets as W
 
 from qviz.views.components import (
     GROUP_SIZES,
+    VERDICT_WATCHED,
     DashboardState,
     arrange,
     figure_views,
@@ -20,6 +21,7 @@ from qviz.views.components import (
     verdict_card_html,
 )
 from qviz.views.dashboard import N_FACTS, Controller, backend_for, status_html
+from qviz.views.state import SAME
 
 _BOKEH_LOADED = False
 
@@ -47,10 +49,10 @@ class WidgetDashboard:
         self.state = s = state or DashboardState(model=self.backend.name)
         self.controller = Controller(self.backend, s, dispatch=lambda fn: fn())
         self.views = figure_views(s)
-        self.figures = {k: BokehModel(v.plot.root) for k, v in self.views.items()}
+        self.figures = {k: BokehModel(v.root) for k, v in self.views.items()}
         self.verdict = W.HTML(verdict_card_html(s))
-        watched = ["comparison", "selected_layer", "shown", *DashboardState.SETTINGS]
-        s.param.watch(lambda *_: setattr(self.verdict, "value", verdict_card_html(s)), watched)
+        verdict = lambda *_: setattr(self.verdict, "value", verdict_card_html(s))  # noqa: E731
+        s.param.watch(verdict, VERDICT_WATCHED)
         self.controls = self._controls()
         main = arrange({**self.figures, "verdict": self.verdict}, _hbox, _vbox)
         self.widget = W.HBox([self.controls, main])
@@ -73,6 +75,16 @@ class WidgetDashboard:
         layer = W.IntText(s.selected_layer or 0, description="Layer", layout=lay)
         component = W.Dropdown(options=["resid", "attn", "mlp"], value=s.component,
                                description="Tracing")  # fmt: skip
+        same = [(SAME, SAME)]
+        method2 = W.Dropdown(options=["none", *method_names()], value=s.method2,
+                             description="Beside", style=style)  # fmt: skip
+        bits2 = W.Dropdown(options=same + [(str(b), b) for b in range(2, 9)], value=s.bits2,
+                           description="its bits", style=style)  # fmt: skip
+        group2 = W.Dropdown(options=same + list(GROUP_SIZES.items()), value=s.group_size2,
+                            description="its group", style=style)  # fmt: skip
+        budget_on = W.Checkbox(s.budget_on, description="Budget plan (prescribe)")
+        budget = W.FloatSlider(s.budget, min=2.5, max=8.0, step=0.25, description="Budget",
+                               continuous_update=False)  # fmt: skip
         trace = W.Button(description="Run causal tracing")
         trace.on_click(lambda _b: self.controller.request_trace())
         acc = W.Button(description=f"Accuracy ({N_FACTS} facts)")
@@ -86,7 +98,8 @@ class WidgetDashboard:
         pairs = {
             "prompt": prompt, "target": target, "bits": bits, "group_size": group,
             "symmetric": sym, "method": method, "protect_first": protect,
-            "selected_layer": layer, "component": component,
+            "selected_layer": layer, "component": component, "method2": method2,
+            "bits2": bits2, "group_size2": group2, "budget_on": budget_on, "budget": budget,
         }  # fmt: skip
         for name, w in pairs.items():
             w.observe(lambda ch, n=name: self._set(n, ch["new"]), "value")

@@ -122,6 +122,11 @@ def test_ipywidgets_front_shares_state_and_plots(lab):
     assert d.wait(WAIT)
     assert d.state.comparison.plan_label == "rtn3-g128"
     assert len(d.views["cka"].plot.sources["cka"].data["cka"]) > 0
+    second = next(w for w in d.controls.children if getattr(w, "description", "") == "Beside")
+    second.value = "rtn"
+    assert d.wait(WAIT)
+    assert d.state.comparison2.plan_label == "rtn3-g128" and "qviz-side" in d.verdict.value
+    assert d.views["cka"].plot2.root.visible and d.figures["cka"]._model is d.views["cka"].root
 
 
 def test_report_is_standalone_html(lab):
@@ -157,3 +162,61 @@ def test_gptq_progress_reaches_the_status(tmp_path, monkeypatch):
     layers = [m for m in seen if m.startswith("preparing gptq3-g32: layer")]
     assert layers[-1].endswith("layer 3/3 ...") and len(layers) == 3
     assert "ETA" in layers[0] and "ETA" not in layers[-1]
+
+
+def test_side_by_side_on_the_embedded_model_updates_both_halves_in_place(dash):
+    """A second plan fills the second CKA map and the paired views in place; "none" restores
+    the single-plan dashboard (the second figures hidden, their data gone)."""
+    import numpy as np
+
+    s = dash.state
+    s.bits = 4
+    assert dash.wait(WAIT)
+    cka, ffn = dash.views["cka"], dash.views["ffn"]
+    fig, fig2, src2 = cka.plot.root, cka.plot2.root, cka.plot2.sources["cka"]
+    s.param.update(bits2=2, method2="rtn")
+    assert dash.wait(WAIT) and s.error == "", s.error
+    assert (s.comparison.plan_label, s.comparison2.plan_label) == ("rtn4-g128", "rtn2-g128")
+    assert cka.plot.root is fig and cka.plot2.root is fig2 and cka.plot2.sources["cka"] is src2
+    np.testing.assert_array_equal(src2.data["cka"], s.comparison2.cka.values.ravel())
+    assert not np.array_equal(src2.data["cka"], cka.plot.sources["cka"].data["cka"])
+    assert fig2.visible
+    assert len(ffn.plot.sources["ffn2"].data["flip"]) == len(s.comparison.ffn.flip_rate)
+    text = dash.views["verdict"].text
+    assert "rtn4-g128" in text and "rtn2-g128" in text and text.count("qviz-verdict-mode") == 2
+    s.method2 = "none"
+    assert dash.wait(WAIT)
+    assert s.comparison2 is None and not fig2.visible and len(src2.data["cka"]) == 0
+    assert dash.views["verdict"].text.count("qviz-verdict-mode") == 1
+    s.bits2 = "same"
+
+
+def test_budget_plan_on_the_embedded_model_stays_within_the_budget(dash):
+    """The budget bar shows a prescribed plan whose decoder bits per weight (as the footprint
+    counts them) are at most the budget, beside the uniform plan of that budget. The
+    sensitivity table is seeded (its ~120 forward passes are tested on the tiny model in
+    test_dashboard); allocation, the plan's KL, both comparisons and the views run for real."""
+    import numpy as np
+    import pandas as pd
+
+    from qviz.quant.memory import footprint
+    from qviz.studies.prescribe import option_label, options_of
+
+    s, lab = dash.state, dash.backend.lab
+    labels = [option_label(c) for c in options_of(("rtn",), (2, 3, 4, 8), 128)]
+    rng = np.random.default_rng(0)
+    kl = np.sort(rng.random((lab.n_layers, len(labels))), axis=1)[:, ::-1]  # more bits, less KL
+    frame = pd.DataFrame(kl, columns=labels)
+    dash.backend._cached(("sensitivity", "rtn", 128), lambda: frame)
+    s.param.update(budget=3.5, budget_on=True)
+    assert dash.wait(WAIT) and s.error == "", s.error
+    pres, uni_label, uni_bits = s.budget_result
+    bits = footprint(lab.model, pres.plan, include_embeddings=False).effective_bits
+    assert bits <= 3.5 and bits == pytest.approx(pres.effective_bits)
+    assert uni_bits <= 3.5 and s.comparison2.plan_label == uni_label
+    bar = dash.views["budget"].plot
+    assert bar.root.visible and list(bar.sources["budget"].data["bits"]) == list(pres.bits)
+    assert len(set(pres.bits)) > 1  # a per-layer plan, not a uniform one
+    s.budget_on = False
+    assert dash.wait(WAIT)
+    assert s.budget_result is None and not bar.root.visible and s.comparison2 is None

@@ -179,7 +179,7 @@ def test_progress_reports_layers_with_an_eta(monkeypatch):
 
 def test_one_layout_serves_every_front():
     names = {"cka", "cka_diff", "verdict", "lens", "ffn", "attention", "patch"}
-    names |= {"attention_diff", "pareto"}
+    names |= {"attention_diff", "pareto", "budget"}
     flat = []
 
     def walk(e):
@@ -195,6 +195,7 @@ def test_one_layout_serves_every_front():
         {"cka": "C", "lens": "L", "ffn": "F"}, lambda *k: ("row", k), lambda *k: ("col", k)
     )
     assert built == ("col", (("row", ("C",)), ("row", ("L", ("col", ("F",))))))
+    assert LAYOUT[0] == ["budget"]  # hidden unless the budget plan is on
 
 
 def test_a_plan_the_model_cannot_take_is_refused_before_any_work():
@@ -215,3 +216,130 @@ def test_a_plan_the_model_cannot_take_is_refused_before_any_work():
     assert "layers [3, 4]" in state.error and "3 decoder layers" in state.error
     assert len(lab.prepared) == 1  # refused when selected: no job reached the model
     ctl.close()
+
+
+def test_a_second_plan_is_shown_beside_the_first_and_none_restores():
+    """Side by side: every view holds both plans' data (same models, new data); "none" hides
+    the second figures and empties their sources again."""
+    from qviz.views.components import VerdictCard, figure_views
+
+    lab = tiny_lab()
+    state = tiny_state()
+    ctl = Controller(Backend(lab), state, dispatch=lambda fn: fn())
+    views, card = figure_views(state), VerdictCard(state)
+    ctl.request_compare()
+    assert ctl.wait(JOIN) and state.error == ""
+    cka = views["cka"]
+    src, fig, src2 = cka.plot.sources["cka"], cka.plot.root, cka.plot2.sources["cka"]
+    assert not cka.plot2.root.visible and len(src2.data["cka"]) == 0
+    assert "qviz-side" not in card.text
+    state.param.update(method2="rtn", bits2=2)
+    assert ctl.wait(JOIN) and state.error == "", state.error
+    assert state.comparison.plan_label == "rtn4-g32" and state.comparison2.plan_label == "rtn2-g32"
+    assert cka.plot.root is fig and cka.plot.sources["cka"] is src  # updated in place
+    assert cka.plot2.root.visible and cka.plot2.sources["cka"] is src2
+    assert list(src2.data["cka"]) == list(state.comparison2.cka.values.ravel())
+    assert list(src2.data["cka"]) != list(src.data["cka"])
+    assert cka.plot.extra["tag"].text == "A: rtn4-g32" and cka.plot2.extra["tag"].visible
+    lens = views["lens"].plot.sources
+    assert list(lens["lens2"].data["p_quant"]) == list(state.comparison2.lens.quantized.prob)
+    ffn = views["ffn"].plot.sources
+    assert list(ffn["ffn2"].data["flip"]) == list(state.comparison2.ffn.flip_rate)
+    assert list(ffn["ffn"].data["x"]) == [i - 0.2 for i in range(3)]  # paired bars
+    assert views["attention"].plot2.root.visible
+    diff = views["cka_diff"]
+    assert diff.plot.extra["mapper"].high == diff.plot2.extra["mapper"].high  # one scale
+    assert diff.plot2.sources["diff"].name == "qviz_cka_diff_b"  # names stay unique
+    assert card.text.count("qviz-verdict-mode") == 2 and "rtn2-g32" in card.text
+    assert state.status == "showing rtn4-g32 beside rtn2-g32"
+    state.method2 = "none"
+    assert ctl.wait(JOIN)
+    assert state.comparison2 is None and not cka.plot2.root.visible
+    assert len(src2.data["cka"]) == 0 and len(ffn["ffn2"].data["flip"]) == 0
+    assert list(ffn["ffn"].data["x"]) == [0, 1, 2]
+    assert not cka.plot.extra["tag"].visible and card.text.count("qviz-verdict-mode") == 1
+    state.bits2 = 3  # the second plan stays off while its method is "none"
+    assert ctl.wait(JOIN) and state.comparison2 is None
+    ctl.close()
+
+
+def test_the_budget_plan_shows_the_prescription_beside_the_uniform_plan():
+    """The budget toggle prescribes (progress by step, cancellable), then shows the prescribed
+    plan (first) beside the uniform plan of the same budget (second); its mean bits <= budget."""
+    from qviz.quant.memory import footprint
+    from qviz.views.components import figure_views
+
+    lab = tiny_lab()
+    state = tiny_state()
+    seen: list[str] = []
+    state.param.watch(lambda e: seen.append(e.new), "status")
+    ctl = Controller(Backend(lab), state, dispatch=lambda fn: fn())
+    views = figure_views(state)
+    ctl.request_compare()
+    assert ctl.wait(JOIN)
+    bar = views["budget"].plot
+    assert not bar.root.visible  # off by default: no prescription ran
+    state.param.update(budget=3.5, budget_on=True)
+    assert ctl.wait(JOIN) and state.error == "", state.error
+    pres, uni_label, uni_bits = state.budget_result
+    assert pres.budget_bits == 3.5 and pres.effective_bits <= 3.5
+    fp = footprint(lab.model, pres.plan, include_embeddings=False)
+    assert fp.effective_bits <= 3.5 and abs(fp.effective_bits - pres.effective_bits) < 1e-9
+    assert uni_bits <= 3.5 and state.comparison2.plan_label == uni_label
+    assert bar.root.visible and list(bar.sources["budget"].data["bits"]) == list(pres.bits)
+    assert bar.extra["budget"].location == 3.5
+    assert any("sensitivity" in m and "/12" in m for m in seen), seen  # 3 layers x 4 bits
+    assert views["cka"].plot2.root.visible
+    assert state.shown[0] == "prescribed 3.5 bits/weight" and state.stale_note() == ""
+    state.budget = 3.0  # the sensitivity is measured once: a new budget spends no steps
+    n_seen = len(seen)
+    assert ctl.wait(JOIN) and state.budget_result[0].budget_bits == 3.0
+    assert not any("sensitivity" in m for m in seen[n_seen:])
+    state.budget_on = False
+    assert ctl.wait(JOIN)
+    assert state.budget_result is None and state.comparison2 is None and not bar.root.visible
+    ctl.close()
+
+
+def test_the_budget_plan_is_cancellable():
+    lab = tiny_lab()
+    state = tiny_state()
+    ctl = Controller(Backend(lab), state, dispatch=lambda fn: fn())
+    ctl.request_compare()
+    assert ctl.wait(JOIN)
+    ctl.cancel()
+    gate = threading.Event()
+    original = lab.prescribe
+
+    def prescribe(*a, **kw):
+        gate.wait(JOIN)  # the Cancel button is pressed while the sensitivity runs
+        return original(*a, **kw)
+
+    lab.prescribe = prescribe
+    state.budget_on = True
+    ctl.cancel()
+    gate.set()
+    assert ctl.wait(JOIN)
+    assert state.status.startswith("cancelled") and state.budget_result is None
+    assert not state.busy
+    ctl.close()
+
+
+def test_serve_method_flags_set_the_method_and_the_side_by_side_method(monkeypatch):
+    """`qviz serve --method A --method B`: A is the dashboard's method, B the second plan's."""
+    import qviz.app
+    from qviz import cli
+
+    got: dict = {}
+    monkeypatch.setattr(qviz.app, "serve", lambda **kw: got.update(kw))
+    assert cli.main(["serve", "--method", "rtn", "--method", "gptq", "--port", "5999"]) == 0
+    assert got["methods"] == ["rtn", "gptq"] and got["port"] == 5999
+    assert cli.main(["serve"]) == 0 and got["methods"] == []
+    with pytest.raises(SystemExit, match="given 3 times"):
+        cli.main(["serve", *["--method", "rtn"] * 3])
+    dash = qviz.app._dashboard(tiny_lab(), "tiny", ["rtn", "rtn"])
+    assert dash.state.method == "rtn" and dash.state.method2 == "rtn"
+    dash.controller.close()
+    plain = qviz.app._dashboard(tiny_lab(), "tiny", [])
+    assert plain.state.method2 == "none"
+    plain.controller.close()

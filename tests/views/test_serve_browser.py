@@ -28,6 +28,16 @@ JS_PATCH_FILLED = """() => Bokeh.documents.some(d => {
   return v && v.length > 0;
 })"""
 SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "dashboard.png"
+SIDE_BY_SIDE = SCREENSHOT.with_name("dashboard_side_by_side.png")
+JS_CKA_PAIR = """() => Bokeh.documents.flatMap(d => ['qviz_cka', 'qviz_cka_b'].map(name => {
+  const src = [...d.all_models].find(m => m.name === name);
+  if (!src) return null;
+  const col = src.data instanceof Map ? src.data.get('cka') : src.data['cka'];
+  if (!col || col.length === 0) return null;
+  let s = 0;
+  for (let i = 0; i < col.length; i++) s += col[i] * ((i % 7) + 1);
+  return col.length + ':' + s.toFixed(6);
+}))"""
 
 
 @pytest.fixture(scope="module")
@@ -154,5 +164,36 @@ def test_fast_key_presses_under_load_end_where_the_last_press_asked(server, chro
     assert "rtn3-g128" in page.locator(".qviz-plan").first.inner_text()
     assert cka_fingerprint(page) == fp3
     assert page.locator(".qviz-stale").count() == 0
+    assert rec.errors == [], rec.errors
+    page.close()
+
+
+def test_a_second_plan_shows_two_cka_maps_side_by_side(server, chrome):
+    """Picking a second method (here RTN at 2 bits beside the 4-bit default) shows a second CKA
+    map with its own data, both verdicts, offline and without console errors."""
+    from playwright.sync_api import expect
+
+    page, rec = _open(chrome, server)
+    page.set_viewport_size({"width": 1900, "height": 1300})
+    assert page.evaluate(JS_CKA_PAIR)[1] is None  # off by default: one map
+    page.locator(".qviz-bits2 select").first.select_option(label="2")
+    page.locator(".qviz-method2 select").first.select_option(label="rtn")
+    page.wait_for_function(
+        f"() => {{ const f = ({JS_CKA_PAIR})(); return f[0] && f[1] && f[0] !== f[1] }}",
+        timeout=TIMEOUT_MS,
+    )
+    a, b = page.evaluate(JS_CKA_PAIR)
+    assert a != b and a.split(":")[0] == b.split(":")[0]  # same size, different data
+    plans = page.locator(".qviz-plan")
+    expect(plans).to_have_count(2, timeout=TIMEOUT_MS)
+    assert "rtn4-" in plans.nth(0).inner_text() and "rtn2-" in plans.nth(1).inner_text()
+    expect(page.locator(".qviz-status").first).to_contain_text("beside", timeout=TIMEOUT_MS)
+    page.wait_for_timeout(500)  # the last layout pass
+    png = page.screenshot(full_page=True)
+    SIDE_BY_SIDE.parent.mkdir(exist_ok=True)
+    SIDE_BY_SIDE.write_bytes(png)
+    page.locator(".qviz-method2 select").first.select_option(label="none")
+    expect(plans).to_have_count(1, timeout=TIMEOUT_MS)
+    assert rec.outside == [], f"requests left 127.0.0.1: {rec.outside}"
     assert rec.errors == [], rec.errors
     page.close()
