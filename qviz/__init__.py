@@ -1,5 +1,10 @@
 """qviz: see how post-training weight quantization breaks a language model from the inside."""
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 from qviz import metrics
 from qviz.lab import Lab
 from qviz.models import load_model
@@ -12,8 +17,20 @@ from qviz.quant import (
     quantize,
     quantized,
 )
+from qviz.studies import frontier as _frontier
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __version__ = "0.1.0"
+
+
+def memory_frontier(models: Sequence[str | Lab], plans: Sequence[QuantPlan], **kw) -> pd.DataFrame:
+    kw.setdefault("load", Lab.load)  # the study sits below the Lab: it is handed the loader
+    return _frontier.memory_frontier(models, plans, **kw)
+
+
+memory_frontier.__doc__ = _frontier.memory_frontier.__doc__
 
 
 def __getattr__(name: str):
@@ -34,6 +51,7 @@ __all__ = [
     "dequantize",
     "footprint",
     "load_model",
+    "memory_frontier",
     "quantize",
     "quantized",
 ]

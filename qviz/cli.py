@@ -1,4 +1,4 @@
-"""The ``qviz`` command line: fetch, diagnose, serve, report, bench, sweep."""
+"""The ``qviz`` command line: fetch, diagnose, serve, report, frontier, bench, sweep."""
 
 from __future__ import annotations
 
@@ -180,6 +180,63 @@ def cmd_prescribe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_frontier(args: argparse.Namespace) -> int:
+    """Weight memory against bits per byte and fact accuracy for every (model, plan); the
+    Pareto front; the bigger model at 4 bits against the smaller at 8."""
+    import qviz
+    from qviz.quant import QuantConfig, QuantPlan
+    from qviz.studies.frontier import bigger_vs_smaller
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    try:
+        plans = [QuantPlan.none()] if args.fp else []
+        plans += [
+            QuantPlan.uniform(QuantConfig(b, args.group_size or None, method=args.method))
+            for b in args.bits
+        ]
+        frame = qviz.memory_frontier(
+            models,
+            plans,
+            max_chars=args.chars or None,
+            n_facts=args.facts,
+            progress=not (args.json or args.csv),
+        )
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    pairs = bigger_vs_smaller(frame)
+    if args.json:
+        out = {
+            "rows": json.loads(frame.to_json(orient="records")),
+            "bigger_at_4_vs_smaller_at_8": json.loads(pairs.to_json(orient="records")),
+        }
+        print(json.dumps(out, indent=1))
+        return 0
+    if args.csv:
+        print(frame.to_csv(index=False), end="")
+        return 0
+    cols = ["model", "plan", "weight_mib", "effective_bits", "bits_per_byte", "fact_accuracy"]
+    show = frame[cols].assign(front=frame["pareto"].map({True: "*", False: ""}))
+    n_facts = int(frame["n_facts"].iloc[0])
+    print(
+        f"held-out text: {int(frame['n_bytes'].iloc[0])} bytes; facts: {n_facts}; "
+        f"* = on the Pareto front (less memory and better bits per byte)"
+    )
+    print(show.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    front = frame[frame["pareto"]].sort_values("weight_mib")
+    print("frontier:", " -> ".join(f"{r.model} {r.plan}" for r in front.itertuples()))
+    for r in pairs.itertuples():
+        better = "better" if r.better_bpb else "worse"
+        mem = "less" if r.less_memory else "more"
+        print(
+            f"{r.big} {r.big_plan} vs {r.small} {r.small_plan}: {better} bits per byte "
+            f"({r.big_bpb:.3f} vs {r.small_bpb:.3f}) with {mem} memory "
+            f"({r.big_mib:.1f} vs {r.small_mib:.1f} MiB); facts {r.big_facts:.3f} vs "
+            f"{r.small_facts:.3f}"
+        )
+    return 0
+
+
 def method_names() -> list[str]:
     """The quantization methods to choose from: the registry's names."""
     from qviz.quant.methods import METHODS
@@ -237,6 +294,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--output", default="report.html")
     p.add_argument("--png", metavar="DIR", help="also export PNG screenshots (needs chromium)")
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("frontier", help="memory vs bits per byte across models; Pareto front")
+    p.add_argument("--models", default=",".join(EMBEDDED), help="comma list (default: all)")
+    p.add_argument("--bits", type=_bits, default=[2, 3, 4, 8])
+    p.add_argument("--method", choices=method_names(), default="rtn")
+    p.add_argument("--group-size", type=int, default=128, help="0 = per output channel")
+    p.add_argument("--fp", action="store_true", help="also the full-precision row per model")
+    p.add_argument("--chars", type=int, default=0, help="held-out text characters (0 = all)")
+    p.add_argument("--facts", type=int, default=100, help="bundled facts per cell (0 = skip)")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true")
+    out.add_argument("--csv", action="store_true")
+    p.set_defaults(func=cmd_frontier)
     p = sub.add_parser("bench", help="benchmarks that print ratios against a same-run baseline")
     from qviz.bench import add_arguments
 

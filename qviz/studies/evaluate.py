@@ -108,15 +108,21 @@ def evaluate(
     )
 
 
-def perplexity(
+def text_nll(
     lab: Lab,
     plan: QuantPlan,
-    text: str | None = None,
+    ids: torch.Tensor,
     window: int = 512,
     cancel: threading.Event | None = None,
-) -> float:
-    """Perplexity of ``text`` (default: the bundled prose) in non-overlapping windows."""
-    ids = lab.tokenizer(text if text is not None else load_text(), return_tensors="pt").input_ids
+) -> tuple[float, int]:
+    """(total NLL in nats, tokens predicted) of ``ids`` [1, T] under ``plan``.
+
+    Non-overlapping windows of ``window`` predicted tokens: every token after the first is
+    predicted once, from at most ``window`` tokens of its own window (the first token is context
+    only). ``cancel`` is checked before each window.
+    """
+    if window < 1:
+        raise ValueError(f"window must be a positive number of tokens, got {window!r}")
     ids = ids.to(lab.model.device)
     nll, count = 0.0, 0
     starts = range(0, ids.shape[1] - 1, window)
@@ -131,4 +137,17 @@ def perplexity(
                 logits[0], chunk[0, 1:], reduction="sum"
             ).item()
             count += chunk.shape[1] - 1
+    return nll, count
+
+
+def perplexity(
+    lab: Lab,
+    plan: QuantPlan,
+    text: str | None = None,
+    window: int = 512,
+    cancel: threading.Event | None = None,
+) -> float:
+    """Perplexity of ``text`` (default: the bundled prose) in non-overlapping windows."""
+    ids = lab.tokenizer(text if text is not None else load_text(), return_tensors="pt").input_ids
+    nll, count = text_nll(lab, plan, ids, window, cancel)
     return float(np.exp(nll / count))
