@@ -404,3 +404,12 @@ def quantized(model: nn.Module, plan: QuantPlan) -> Iterator[nn.Module]:
     """``with quantized(model, plan):`` runs the block on the quantized weights."""
     with engine_for(model).quantized(plan) as m:
         yield m
+
+
+def release(model: nn.Module) -> None:
+    """Forget ``model``'s shared engine and its cached plans, so the model can be freed (the
+    engine holds the model, so the weak registry alone would keep it alive for ever)."""
+    with _ENGINES_LOCK:
+        engine = _ENGINES.pop(model, None)
+    if engine is not None:
+        engine.clear()

@@ -166,11 +166,10 @@ def check_plans(plans: Sequence[QuantPlan]) -> None:
 def _release(lab: Lab) -> None:
     """Free a model loaded here: its engine's plan cache and the engine registry's entry
     (the engine holds the model, so the weak registry alone would keep it alive)."""
-    from qviz.quant import engine as _engine
+    from qviz.quant.engine import release
 
     lab.engine.clear()
-    with _engine._ENGINES_LOCK:
-        _engine._ENGINES.pop(lab.model, None)
+    release(lab.model)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
