@@ -10,10 +10,7 @@ def fair_per_cell(lab, prompt: str, target: str, plan) -> tuple[object, float]:
     then one forward per cell that computes the last position's logits only, as a plain loop
     would. Returns (prob [L, T], seconds). Uses the probes' own per-cell patch, one cell a call.
     """
-    import numpy as np
-    import torch
-
-    from qviz.probes.patch import _cells, _generic_grid, run_cache
+    from qviz.probes.patch import per_cell_last, run_cache
     from qviz.quant import QuantPlan
 
     t0 = time.perf_counter()
@@ -22,12 +19,8 @@ def fair_per_cell(lab, prompt: str, target: str, plan) -> tuple[object, float]:
         run_cache(lab.model, lab.adapter, ids, tid, kv=True)
     with lab.engine.quantized(QuantPlan.none()):
         ref = run_cache(lab.model, lab.adapter, ids, tid)
-    n_layers = lab.adapter.n_layers(lab.model)
-    grid = np.full((n_layers, ids.shape[1]), np.nan)
-    with lab.engine.quantized(plan), torch.no_grad():
-        for c in _cells(n_layers, ids.shape[1], 1, None, None):
-            vals = _generic_grid(lab.model, lab.adapter, ids, ref, tid, "resid", [c], 1)
-            grid[c[0], c[1]] = vals[(c[0], c[1])]
+    with lab.engine.quantized(plan):
+        grid = per_cell_last(lab.model, lab.adapter, ids, ref, tid, "resid")
     return grid, time.perf_counter() - t0
 
 

@@ -276,6 +276,35 @@ def _generic_grid(
     return out
 
 
+def per_cell_last(
+    model: nn.Module,
+    adapter: Adapter,
+    input_ids: torch.Tensor,
+    source: RunCache,
+    target_id: int,
+    component: str = "resid",
+    window: int = 1,
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    last_only: bool = True,
+    cancel: threading.Event | None = None,
+) -> np.ndarray:
+    """Target probability [L, T], one whole-model forward of ``input_ids`` [1, T] per cell, the
+    plain loop a user would write: the fair baseline of the batched grid. ``last_only``: logits
+    at the last position only (else at every position, the old baseline). The model must carry
+    the base run's weights; cells outside ``layers``/``positions`` are NaN."""
+    check_args(component, window=window)
+    n_layers, n_tok = adapter.n_layers(model), input_ids.shape[1]
+    grid = np.full((n_layers, n_tok), np.nan)
+    with torch.no_grad():
+        for c in _cells(n_layers, n_tok, window, layers, positions):
+            vals = _generic_grid(
+                model, adapter, input_ids, source, target_id, component, [c], 1, last_only, cancel
+            )
+            grid[c[0], c[1]] = vals[(c[0], c[1])]
+    return grid
+
+
 def trace_grid(
     model: nn.Module,
     adapter: Adapter,
@@ -314,21 +343,11 @@ def trace_grid(
         cells = [c for c in cells if (c[0], c[1]) not in vals]
     with torch.no_grad():
         if method == "per_cell":
-            for c in cells:
-                vals.update(
-                    _generic_grid(
-                        model,
-                        adapter,
-                        input_ids,
-                        source,
-                        target_id,
-                        component,
-                        [c],
-                        1,
-                        last_only=False,
-                        cancel=cancel,
-                    )
+            vals.update(
+                _generic_grid(
+                    model, adapter, input_ids, source, target_id, component, cells, 1, False, cancel
                 )
+            )
         elif method != "batched":
             raise ValueError(f"method must be 'batched' or 'per_cell', got method={method!r}")
         elif not cells:

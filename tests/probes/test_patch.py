@@ -128,6 +128,29 @@ def test_batched_grid_equals_per_cell_tiny(tiny_lab, component, direction):
     assert hook_count(tiny_lab.model) == 0
 
 
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_per_cell_last_equals_the_reference(tiny_lab, component):
+    """The public per-cell loop (the benchmark's fair baseline) on a subset of cells, window 3."""
+    from qviz.probes.patch import per_cell_last, run_cache
+
+    prompt, plan = "abcdefg", QuantPlan.uniform(QuantConfig(bits=2, group_size=32))
+    tid = _top1(tiny_lab, prompt)
+    ids, last = tiny_lab.encode(prompt), tiny_lab.n_layers - 1
+    with tiny_lab.quantized(QuantPlan.none()):
+        src = run_cache(tiny_lab.model, tiny_lab.adapter, ids, tid)
+    with tiny_lab.quantized(plan):
+        grid = per_cell_last(
+            tiny_lab.model, tiny_lab.adapter, ids, src, tid, component, 3, [0, last], [1, 6]
+        )
+        full = per_cell_last(tiny_lab.model, tiny_lab.adapter, ids, src, tid, component, 3,
+                             [0, last], [1, 6], last_only=False)  # fmt: skip
+    cells = [(i, t) for i in (0, last) for t in (1, 6)]
+    ref = reference_grid(tiny_lab, prompt, tid, plan, component, "restore", 3, cells)
+    np.testing.assert_allclose(grid, ref, atol=1e-6, rtol=1e-4, equal_nan=True)
+    np.testing.assert_allclose(full, grid, atol=1e-6, equal_nan=True)
+    assert np.isnan(grid).sum() == grid.size - 4 and hook_count(tiny_lab.model) == 0
+
+
 def test_full_precision_recovery_is_undefined_not_a_crash(tiny_lab):
     grid = tiny_lab.trace("abcdef", 5, QuantPlan.none())
     assert grid.recovery is None and not grid.defined
