@@ -319,13 +319,15 @@ def trace_grid(
     positions: Sequence[int] | None = None,
     method: str = "batched",
     cancel: threading.Event | None = None,
+    cells: Sequence[tuple[int, int]] | None = None,
 ) -> np.ndarray:
     """Target probability [L, T] with each cell patched from ``source`` into the base run.
 
     The model must carry the base run's weights. ``base`` must hold the key/value cache
     (``run_cache(..., kv=True)``) for the fast path. ``layers``/``positions`` restrict the grid
-    (other cells are NaN). ``method``: "batched" (default) or "per_cell", the plain loop of one
-    full forward per cell (logits at every position), kept as the benchmark's baseline.
+    (other cells are NaN); ``cells``, a list of (layer, position), overrides them. ``method``:
+    "batched" (default) or "per_cell", the plain loop of one full forward per cell (logits at
+    every position), kept as the benchmark's baseline.
     ``cancel`` is checked before each chunk of cells (``qviz.cancel.Cancelled``). Batched cells
     whose patch writes values equal to the base run's own (e.g. the unquantized embeddings
     entering layer 0) take the base probability without a forward.
@@ -334,7 +336,10 @@ def trace_grid(
     n_layers, n_tok = adapter.n_layers(model), input_ids.shape[1]
     if input_ids.shape[0] != 1:
         raise ValueError(f"input_ids must be [1, T], got shape {tuple(input_ids.shape)}")
-    cells = _cells(n_layers, n_tok, window, layers, positions)
+    if cells is None:
+        cells = _cells(n_layers, n_tok, window, layers, positions)
+    else:
+        cells = [(int(i), int(t), window_layers(int(i), window, n_layers)) for i, t in cells]
     vals: dict = {}
     if method == "batched":  # a patch that writes the base's own values changes nothing
         src, own = source.component(component), base.component(component)
