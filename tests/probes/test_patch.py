@@ -301,3 +301,16 @@ def test_fast_mode_finds_the_top_cells_embedded(lab):
     np.testing.assert_allclose(fast.prob[fast.exact], exact.prob[fast.exact], atol=1e-5)
     assert fast.best_cell == exact.best_cell
     assert hook_count(lab.model) == 0
+
+
+def test_bench_fast_vs_exact_on_a_tiny_model(capsys):
+    from qviz.bench.trace import fast_vs_exact
+
+    lab = Lab(tiny_llama(), CharTokenizer())
+    plan = QuantPlan.uniform(QuantConfig(bits=2, group_size=32))
+    every = fast_vs_exact(lab, plan, "abcdefghijkl", 5, top=10**6)
+    assert every["fast_top10_found"] == 10 and every["fast_same_best_cell"]
+    few = fast_vs_exact(lab, plan, "abcdefghijkl", 5, top=3)
+    assert 0 <= few["fast_top10_found"] <= 10 and -1 <= few["fast_rank_corr"] <= 1
+    assert few["fast_tokens"] == 12 and few["fast_s"] > 0 and few["exact_long_s"] > 0
+    assert "fast mode" in capsys.readouterr().out
