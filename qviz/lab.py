@@ -309,6 +309,8 @@ class Lab:
         method: str = "batched",
         max_tokens: int = 4096,
         cancel: threading.Event | None = None,
+        mode: str = "exact",
+        top: int = 32,
     ) -> PatchGrid:
         """Causal tracing of ``target`` after ``prompt`` over every (decoder layer, position).
 
@@ -319,6 +321,11 @@ class Lab:
         and recovery [L, T] (None, with ``recovery_note``, when the plan does not move the
         target's probability by ``eps``). ``method="per_cell"`` is the slow one-forward-per-cell
         baseline. ``cancel`` is checked before each chunk of cells.
+
+        ``mode="fast"``: attribution patching first estimates every cell (one forward and one
+        backward of the base run: (source - base) . dP/d activation), then patches exactly the
+        ``top`` cells of largest estimated effect and each layer's best cell by estimate; the
+        grid's ``exact`` [L, T] says which cells are exact, ``estimate`` holds the estimate.
         """
         return _tracing.trace(
             self,
@@ -332,6 +339,8 @@ class Lab:
             method,
             max_tokens,
             cancel,
+            mode,
+            top,
         )
 
     def isolate(self, prompt: str, plan: QuantPlan) -> Isolation:

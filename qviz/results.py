@@ -242,6 +242,9 @@ class PatchGrid:
     recovery: [L, T] = (prob - p_quantized) / (p_reference - p_quantized), or None when the
     denominator is below ``eps`` (the plan does not change the target's probability);
     ``recovery_note`` then says so. ``window``: layers patched together, centred on l.
+    exact: [L, T] bool, the cells patched exactly (None: every cell is exact); the others hold
+    the attribution-patching estimate of a fast trace. estimate: [L, T] that first-order
+    estimate of prob for every cell (None for an exact trace).
     """
 
     prob: np.ndarray
@@ -255,6 +258,13 @@ class PatchGrid:
     direction: str
     window: int
     plan_label: str
+    exact: np.ndarray | None = None
+    estimate: np.ndarray | None = None
+
+    @property
+    def all_exact(self) -> bool:
+        """Whether every cell was patched exactly (no estimated cell)."""
+        return self.exact is None or bool(np.all(self.exact))
 
     @property
     def defined(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import tempfile
 import time
@@ -129,9 +130,12 @@ def bench_gptq(model_name: str = "smollm2-135m") -> dict:
     gptq = QuantPlan.uniform(cfg)
     rtn = QuantPlan.uniform(QuantConfig(bits=4, group_size=128))
     print(f"qviz bench gptq: {model_name}, {n_seq} x {seq_len} calibration tokens, 4-bit g128")
+    stamps: list[float] = []  # on_progress: done=0 after calibration setup, then per layer
     with tempfile.TemporaryDirectory() as tmp, env(QVIZ_CACHE=tmp):
         t0 = time.perf_counter()
-        QuantEngine(model, tokenizer=tok).materialize(gptq)
+        QuantEngine(model, tokenizer=tok).materialize(
+            gptq, on_progress=lambda done, total: stamps.append(time.perf_counter())
+        )
         first = time.perf_counter() - t0
         load = median_time(lambda: QuantEngine(model, tokenizer=tok).materialize(gptq), 3)
     base = median_time(lambda: QuantEngine(model).materialize(rtn), 3)
@@ -140,7 +144,17 @@ def bench_gptq(model_name: str = "smollm2-135m") -> dict:
         f"| ratio {first / base:.0f}x"
     )
     print(f"  load from the disk cache {load:.2f} s (target < 2 s) | ratio {load / base:.2f}x RTN")
+    per_layer = [b - a for a, b in itertools.pairwise(stamps)]
+    if per_layer:
+        print(
+            f"  per decoder layer: median {statistics.median(per_layer):.2f} s, min "
+            f"{min(per_layer):.2f} s, max {max(per_layer):.2f} s over {len(per_layer)} layers; "
+            f"before the first layer {stamps[0] - t0:.2f} s, after the last "
+            f"{t0 + first - stamps[-1]:.2f} s"
+        )
+        print("  each layer (s): " + " ".join(f"{x:.1f}" for x in per_layer))
     return {
+        "per_layer_s": per_layer,
         "ratio": first / base,
         "ratio_of": "first GPTQ run / round-to-nearest",
         "first_s": first,

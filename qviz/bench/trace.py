@@ -10,10 +10,7 @@ def fair_per_cell(lab, prompt: str, target: str, plan) -> tuple[object, float]:
     then one forward per cell that computes the last position's logits only, as a plain loop
     would. Returns (prob [L, T], seconds). Uses the probes' own per-cell patch, one cell a call.
     """
-    import numpy as np
-    import torch
-
-    from qviz.probes.patch import _cells, _generic_grid, run_cache
+    from qviz.probes.patch import per_cell_last, run_cache
     from qviz.quant import QuantPlan
 
     t0 = time.perf_counter()
@@ -22,13 +19,64 @@ def fair_per_cell(lab, prompt: str, target: str, plan) -> tuple[object, float]:
         run_cache(lab.model, lab.adapter, ids, tid, kv=True)
     with lab.engine.quantized(QuantPlan.none()):
         ref = run_cache(lab.model, lab.adapter, ids, tid)
-    n_layers = lab.adapter.n_layers(lab.model)
-    grid = np.full((n_layers, ids.shape[1]), np.nan)
-    with lab.engine.quantized(plan), torch.no_grad():
-        for c in _cells(n_layers, ids.shape[1], 1, None, None):
-            vals = _generic_grid(lab.model, lab.adapter, ids, ref, tid, "resid", [c], 1)
-            grid[c[0], c[1]] = vals[(c[0], c[1])]
+    with lab.engine.quantized(plan):
+        grid = per_cell_last(lab.model, lab.adapter, ids, ref, tid, "resid")
     return grid, time.perf_counter() - t0
+
+
+LONG_PROMPT = (
+    "In 1889, for the World's Fair that marked the centennial of the French Revolution, the "
+    "engineer Gustave Eiffel finished an iron lattice tower, which still stands in the "
+    "city of"
+)
+
+
+def _rank_corr(a, b) -> float:
+    """Spearman rank correlation of two arrays (ties broken by order)."""
+    import numpy as np
+
+    ra, rb = (np.argsort(np.argsort(x.ravel(), kind="stable")) for x in (a, b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def fast_vs_exact(lab, plan, prompt: str = LONG_PROMPT, target: str = " Paris", top: int = 32):
+    """``lab.trace(mode="fast")`` against the exact batched grid on a ~40-token prompt: time,
+    the exact top-10 cells (largest |prob - p_quantized|) found among the fast grid's exact
+    cells, the estimate's rank correlation with the exact grid, equality of the exact cells."""
+    import numpy as np
+
+    n_tok = lab.encode(prompt).shape[1]
+    lab.trace(prompt, target, plan, mode="fast", top=top)  # warm-up
+    t = time.perf_counter()
+    fast = lab.trace(prompt, target, plan, mode="fast", top=top)
+    t_fast = time.perf_counter() - t
+    t = time.perf_counter()
+    exact = lab.trace(prompt, target, plan)
+    t_exact = time.perf_counter() - t
+    effect = np.abs(exact.prob - exact.p_quantized).ravel()
+    top10 = np.argsort(-effect, kind="stable")[:10]
+    found = int(fast.exact.ravel()[top10].sum())
+    corr = _rank_corr(fast.estimate, exact.prob)
+    diff = float(np.max(np.abs(fast.prob - exact.prob)[fast.exact]))
+    print(
+        f"  fast mode, {n_tok} tokens x {lab.n_layers} layers, top {top}: {t_fast:.2f} s "
+        f"(target <= 3 s) | exact grid {t_exact:.2f} s | ratio {t_exact / t_fast:.1f}x | "
+        f"{int(fast.exact.sum())} exact cells of {fast.prob.size}"
+    )
+    print(
+        f"  exact top-10 cells among the fast grid's exact cells: {found}/10 | rank correlation "
+        f"of the estimate with the exact grid {corr:.3f} | best cell {fast.best_cell} vs "
+        f"{exact.best_cell} | max |fast - exact| on exact cells {diff:.1e}"
+    )
+    return {
+        "fast_s": t_fast,
+        "exact_long_s": t_exact,
+        "fast_ratio": t_exact / t_fast,
+        "fast_tokens": n_tok,
+        "fast_top10_found": found,
+        "fast_rank_corr": corr,
+        "fast_same_best_cell": fast.best_cell == exact.best_cell,
+    }
 
 
 def bench_trace(model_name: str = "smollm2-135m") -> dict:
@@ -73,7 +121,9 @@ def bench_trace(model_name: str = "smollm2-135m") -> dict:
         f"{batched.p_reference:.4f}, p_quantized {batched.p_quantized:.4f}, best recovery "
         f"{batched.best_recovery:.3f} at (layer, position) {batched.best_cell}"
     )
+    fast = fast_vs_exact(lab, plan)
     return {
+        **fast,
         "ratio": t_fair / t_batched,
         "ratio_of": "fair per-cell loop (last-position logits) / batched grid",
         "batched_s": t_batched,

@@ -276,6 +276,35 @@ def _generic_grid(
     return out
 
 
+def per_cell_last(
+    model: nn.Module,
+    adapter: Adapter,
+    input_ids: torch.Tensor,
+    source: RunCache,
+    target_id: int,
+    component: str = "resid",
+    window: int = 1,
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    last_only: bool = True,
+    cancel: threading.Event | None = None,
+) -> np.ndarray:
+    """Target probability [L, T], one whole-model forward of ``input_ids`` [1, T] per cell, the
+    plain loop a user would write: the fair baseline of the batched grid. ``last_only``: logits
+    at the last position only (else at every position, the old baseline). The model must carry
+    the base run's weights; cells outside ``layers``/``positions`` are NaN."""
+    check_args(component, window=window)
+    n_layers, n_tok = adapter.n_layers(model), input_ids.shape[1]
+    grid = np.full((n_layers, n_tok), np.nan)
+    with torch.no_grad():
+        for c in _cells(n_layers, n_tok, window, layers, positions):
+            vals = _generic_grid(
+                model, adapter, input_ids, source, target_id, component, [c], 1, last_only, cancel
+            )
+            grid[c[0], c[1]] = vals[(c[0], c[1])]
+    return grid
+
+
 def trace_grid(
     model: nn.Module,
     adapter: Adapter,
@@ -290,13 +319,15 @@ def trace_grid(
     positions: Sequence[int] | None = None,
     method: str = "batched",
     cancel: threading.Event | None = None,
+    cells: Sequence[tuple[int, int]] | None = None,
 ) -> np.ndarray:
     """Target probability [L, T] with each cell patched from ``source`` into the base run.
 
     The model must carry the base run's weights. ``base`` must hold the key/value cache
     (``run_cache(..., kv=True)``) for the fast path. ``layers``/``positions`` restrict the grid
-    (other cells are NaN). ``method``: "batched" (default) or "per_cell", the plain loop of one
-    full forward per cell (logits at every position), kept as the benchmark's baseline.
+    (other cells are NaN); ``cells``, a list of (layer, position), overrides them. ``method``:
+    "batched" (default) or "per_cell", the plain loop of one full forward per cell (logits at
+    every position), kept as the benchmark's baseline.
     ``cancel`` is checked before each chunk of cells (``qviz.cancel.Cancelled``). Batched cells
     whose patch writes values equal to the base run's own (e.g. the unquantized embeddings
     entering layer 0) take the base probability without a forward.
@@ -305,7 +336,10 @@ def trace_grid(
     n_layers, n_tok = adapter.n_layers(model), input_ids.shape[1]
     if input_ids.shape[0] != 1:
         raise ValueError(f"input_ids must be [1, T], got shape {tuple(input_ids.shape)}")
-    cells = _cells(n_layers, n_tok, window, layers, positions)
+    if cells is None:
+        cells = _cells(n_layers, n_tok, window, layers, positions)
+    else:
+        cells = [(int(i), int(t), window_layers(int(i), window, n_layers)) for i, t in cells]
     vals: dict = {}
     if method == "batched":  # a patch that writes the base's own values changes nothing
         src, own = source.component(component), base.component(component)
@@ -314,21 +348,11 @@ def trace_grid(
         cells = [c for c in cells if (c[0], c[1]) not in vals]
     with torch.no_grad():
         if method == "per_cell":
-            for c in cells:
-                vals.update(
-                    _generic_grid(
-                        model,
-                        adapter,
-                        input_ids,
-                        source,
-                        target_id,
-                        component,
-                        [c],
-                        1,
-                        last_only=False,
-                        cancel=cancel,
-                    )
+            vals.update(
+                _generic_grid(
+                    model, adapter, input_ids, source, target_id, component, cells, 1, False, cancel
                 )
+            )
         elif method != "batched":
             raise ValueError(f"method must be 'batched' or 'per_cell', got method={method!r}")
         elif not cells:

@@ -290,12 +290,11 @@ def gptq_materialize(
             method = METHODS.get_method(cfg.method) if cfg is not None else None
             if isinstance(method, GPTQ):
                 hess, shared = _hessians(layer, mods, chunks)
-                for rels in shared:  # Linears reading one input share H: quantize them stacked
-                    ws = [_out_in(mods[r]) for r in rels]
-                    q = gptq_quantize(torch.cat(ws), hess[rels[0]].to(ws[0].device), cfg)
-                    for rel, part in zip(rels, q.split([w.shape[0] for w in ws]), strict=True):
+                for rels in shared:  # Linears reading one input share one H (computed once)
+                    for rel in rels:  # each quantized alone: bit for bit the per-Linear results
                         mod = mods[rel]
-                        new[rel] = part.t().contiguous() if weight_layout(mod) == "in_out" else part
+                        q = gptq_quantize(_out_in(mod), hess[rels[0]].to(mod.weight.device), cfg)
+                        new[rel] = q.t().contiguous() if weight_layout(mod) == "in_out" else q
             elif method is not None:
                 for rel, mod in mods.items():
                     name = f"{adapter.layers}.{i}.{rel}"
@@ -323,19 +322,22 @@ def _hessians(
     """H = 2/N * sum x x^T of each Linear's inputs over the calibration chunks, and the groups
     of Linears that read the same tensor (q/k/v, gate/up), which share one H.
 
-    Each chunk's product is taken in float32 (as the GPTQ reference does), summed in float64.
-    GPTQ treats rows independently given H, so a group is quantized as one stacked weight.
+    Each chunk's product is taken in float32 (as the GPTQ reference does), summed in float64,
+    once per distinct input tensor (its readers share H). The layer's forward stops at its last
+    Linear's input.
     """
     from qviz.models.access import hidden_in
 
     acc: dict[str, list] = {}
-    seen: dict[int, tuple] = {}  # per chunk: input tensor id -> (x^T x, n, x, first reader)
+    seen: dict[tuple, tuple] = {}  # per chunk: input tensor -> (x^T x, n, x, first reader)
     same_as: dict[str, str] = {}  # Linear -> the first Linear that read the same input
+    order: list[str] = []  # the Linears in call order (first chunk), the last one ends a chunk
 
     def make(rel):
         def hook(_mod, args):
             x = hidden_in(args, {}).detach()
-            key = id(x)
+            # one tensor, unmodified (storage, layout and version): one x^T x for its readers
+            key = (x.data_ptr(), tuple(x.shape), x.stride(), x._version, x.dtype)
             if key not in seen:
                 flat = x.reshape(-1, x.shape[-1]).float()
                 seen[key] = ((flat.t() @ flat).double().cpu(), flat.shape[0], x, rel)
@@ -344,16 +346,22 @@ def _hessians(
                 same_as[rel] = rel
             if rel not in acc:
                 acc[rel] = [torch.zeros_like(xtx), 0]
+                order.append(rel)
             acc[rel][0] += xtx
             acc[rel][1] += n
+            if len(acc) == len(mods) and rel == order[-1]:
+                raise _Captured  # every input is in: the rest of the layer is not needed
 
         return hook
 
     handles = [m.register_forward_pre_hook(make(rel)) for rel, m in mods.items()]
     try:
         for hidden, kwargs, args in chunks:
-            seen.clear()  # the stored tensor keeps its id unique while this chunk runs
-            layer(hidden, *args, **kwargs)
+            seen.clear()  # the stored tensors keep their storage unique while this chunk runs
+            try:
+                layer(hidden, *args, **kwargs)
+            except _Captured:
+                pass
     finally:
         seen.clear()
         for h in handles:

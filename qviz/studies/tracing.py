@@ -14,6 +14,7 @@ from qviz.metrics.lens import logit_lens
 from qviz.metrics.residual import residual_drift
 from qviz.metrics.tracing import RECOVERY_EPS, recovery
 from qviz.metrics.tracing import peak_layer as choose_peak
+from qviz.probes.attrib import cells_to_refine, estimate_grid, target_grads
 from qviz.probes.batch import left_pad
 from qviz.probes.capture import isolated_outputs, last_states
 from qviz.probes.patch import check_args, run_cache, trace_grid
@@ -37,10 +38,18 @@ def trace(
     method: str = "batched",
     max_tokens: int = 4096,
     cancel: threading.Event | None = None,
+    mode: str = "exact",
+    top: int = 32,
 ) -> PatchGrid:
     """Causal tracing over every (decoder layer, position); see ``Lab.trace``. ``cancel`` is
     checked before each run and before each chunk of patched cells."""
     check_args(component, direction, window)
+    if mode not in ("exact", "fast"):
+        raise ValueError(f"mode must be 'exact' or 'fast', got mode={mode!r}")
+    if mode == "fast" and method != "batched":
+        raise ValueError(f"mode='fast' patches its cells batched, got method={method!r}")
+    if isinstance(top, bool) or not isinstance(top, int) or top < 0:
+        raise ValueError(f"top must be an int >= 0, got top={top!r}")
     ids = lab.encode(prompt)
     tid = lab.target_id(target)
     restore = direction == "restore"
@@ -51,7 +60,13 @@ def trace(
     with lab.engine.quantized(QuantPlan.none()):
         r = run_cache(lab.model, lab.adapter, ids, tid, kv=not restore)
     base, source, base_plan = (q, r, plan) if restore else (r, q, QuantPlan.none())
+    exact = estimate = cells = None
     with lab.engine.quantized(base_plan):
+        if mode == "fast":
+            check_cancel(cancel, "before the attribution run")
+            grads = target_grads(lab.model, lab.adapter, ids, tid)
+            estimate = estimate_grid(base, source, grads, component, window)
+            cells = cells_to_refine(estimate, base.prob, r.prob, q.prob, top)
         prob = trace_grid(
             lab.model,
             lab.adapter,
@@ -64,7 +79,11 @@ def trace(
             max_tokens=max_tokens,
             method=method,
             cancel=cancel,
+            cells=cells,
         )
+    if estimate is not None:
+        exact = ~np.isnan(prob)
+        prob = np.where(exact, prob, estimate)
     rec, note = recovery(prob, r.prob, q.prob, eps=eps)
     return PatchGrid(
         prob=prob,
@@ -78,6 +97,8 @@ def trace(
         direction=direction,
         window=window,
         plan_label=plan.label,
+        exact=exact,
+        estimate=estimate,
     )
 
 

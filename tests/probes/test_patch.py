@@ -128,6 +128,29 @@ def test_batched_grid_equals_per_cell_tiny(tiny_lab, component, direction):
     assert hook_count(tiny_lab.model) == 0
 
 
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_per_cell_last_equals_the_reference(tiny_lab, component):
+    """The public per-cell loop (the benchmark's fair baseline) on a subset of cells, window 3."""
+    from qviz.probes.patch import per_cell_last, run_cache
+
+    prompt, plan = "abcdefg", QuantPlan.uniform(QuantConfig(bits=2, group_size=32))
+    tid = _top1(tiny_lab, prompt)
+    ids, last = tiny_lab.encode(prompt), tiny_lab.n_layers - 1
+    with tiny_lab.quantized(QuantPlan.none()):
+        src = run_cache(tiny_lab.model, tiny_lab.adapter, ids, tid)
+    with tiny_lab.quantized(plan):
+        grid = per_cell_last(
+            tiny_lab.model, tiny_lab.adapter, ids, src, tid, component, 3, [0, last], [1, 6]
+        )
+        full = per_cell_last(tiny_lab.model, tiny_lab.adapter, ids, src, tid, component, 3,
+                             [0, last], [1, 6], last_only=False)  # fmt: skip
+    cells = [(i, t) for i in (0, last) for t in (1, 6)]
+    ref = reference_grid(tiny_lab, prompt, tid, plan, component, "restore", 3, cells)
+    np.testing.assert_allclose(grid, ref, atol=1e-6, rtol=1e-4, equal_nan=True)
+    np.testing.assert_allclose(full, grid, atol=1e-6, equal_nan=True)
+    assert np.isnan(grid).sum() == grid.size - 4 and hook_count(tiny_lab.model) == 0
+
+
 def test_full_precision_recovery_is_undefined_not_a_crash(tiny_lab):
     grid = tiny_lab.trace("abcdef", 5, QuantPlan.none())
     assert grid.recovery is None and not grid.defined
@@ -176,3 +199,118 @@ def test_4bit_recovers_more_than_2bit(lab):
         g4.mean_best_recovery,
         g2.mean_best_recovery,
     )
+
+
+# fast mode: attribution patching, then the cells that matter exactly -----------------------------
+def _ranks(x: np.ndarray) -> np.ndarray:
+    return np.argsort(np.argsort(x.ravel(), kind="stable"), kind="stable").astype(float)
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(_ranks(a), _ranks(b))[0, 1])
+
+
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_attribution_is_the_directional_derivative(component):
+    """target_grads . (source - base) against a central finite difference of the plain hooks."""
+    from qviz.probes.attrib import estimate_grid, target_grads
+    from qviz.probes.patch import run_cache
+
+    lab = Lab(tiny_llama(), CharTokenizer())
+    prompt, plan = "abcdefgh", QuantPlan.uniform(QuantConfig(bits=2, group_size=32))
+    tid, ids = _top1(lab, prompt), lab.encode(prompt)
+    with lab.quantized(QuantPlan.none()):
+        r, src = run_cache(lab.model, lab.adapter, ids, tid), _acts(lab, ids)
+    with lab.quantized(plan):
+        q, base = run_cache(lab.model, lab.adapter, ids, tid), _acts(lab, ids)
+        est = estimate_grid(q, r, target_grads(lab.model, lab.adapter, ids, tid), component)
+        h = 1e-2
+        for i, t in [(0, 3), (1, 0), (2, 7), (lab.n_layers - 1, 5)]:
+            d = src[component] - base[component]
+            up = _cell(lab, ids, {component: base[component] + h * d}, component, [i], t, tid)
+            dn = _cell(lab, ids, {component: base[component] - h * d}, component, [i], t, tid)
+            want = (up - dn) / (2 * h)
+            assert est[i, t] - q.prob == pytest.approx(want, abs=1e-4, rel=1e-2), (i, t)
+    assert hook_count(lab.model) == 0
+
+
+@pytest.mark.parametrize("direction", ["restore", "corrupt"])
+def test_fast_mode_exact_cells_equal_the_exact_grid(tiny_lab, direction):
+    prompt, plan = "abcdefghij", QuantPlan.uniform(QuantConfig(bits=2, group_size=32))
+    tid = _top1(tiny_lab, prompt)
+    exact = tiny_lab.trace(prompt, tid, plan, "mlp", direction, window=3)
+    fast = tiny_lab.trace(prompt, tid, plan, "mlp", direction, window=3, mode="fast", top=4)
+    assert exact.exact is None and exact.estimate is None and exact.all_exact
+    assert fast.exact.shape == fast.estimate.shape == exact.prob.shape and not fast.all_exact
+    # the 4 largest estimated effects and each layer's best estimated cell are exact
+    n = int(fast.exact.sum())
+    assert tiny_lab.n_layers <= n <= 4 + tiny_lab.n_layers
+    p_base = exact.p_quantized if direction == "restore" else exact.p_reference
+    effect = np.abs(fast.estimate - p_base)
+    assert fast.exact.ravel()[np.argsort(-effect, axis=None, kind="stable")[:4]].all()
+    np.testing.assert_allclose(fast.prob[fast.exact], exact.prob[fast.exact], atol=1e-6)
+    np.testing.assert_array_equal(fast.prob[~fast.exact], fast.estimate[~fast.exact])
+    every = tiny_lab.trace(prompt, tid, plan, "mlp", direction, window=3, mode="fast", top=10**6)
+    assert every.all_exact
+    np.testing.assert_allclose(every.prob, exact.prob, atol=1e-6)
+    with pytest.raises(ValueError, match="mode"):
+        tiny_lab.trace(prompt, tid, plan, mode="approx")
+    with pytest.raises(ValueError, match="top"):
+        tiny_lab.trace(prompt, tid, plan, mode="fast", top=-1)
+    assert hook_count(tiny_lab.model) == 0
+
+
+class _SetAfter:
+    """An event that reads as set from its n-th check on (to cancel mid-run)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.calls = n, 0
+
+    def is_set(self) -> bool:
+        self.calls += 1
+        return self.calls >= self.n
+
+
+def test_fast_mode_cancels_in_each_step():
+    from qviz.cancel import Cancelled
+
+    lab = Lab(tiny_llama(), CharTokenizer())
+    plan = QuantPlan.uniform(QuantConfig(bits=2, group_size=32))
+    calls = _SetAfter(10**6)
+    lab.trace("abcdefg", 5, plan, mode="fast", top=8, max_tokens=8, cancel=calls)
+    for n in range(1, calls.calls + 1):  # every check, the attribution run's included
+        with pytest.raises(Cancelled):
+            lab.trace("abcdefg", 5, plan, mode="fast", top=8, max_tokens=8, cancel=_SetAfter(n))
+        assert hook_count(lab.model) == 0
+    assert calls.calls >= 5
+
+
+@pytest.mark.model
+def test_fast_mode_finds_the_top_cells_embedded(lab):
+    """The estimate ranks the exact grid's cells: its top 32 hold the exact top 5."""
+    plan = QuantPlan.uniform(QuantConfig(bits=4, group_size=128))
+    prompt = "The Eiffel Tower is located in the city of"
+    exact = lab.trace(prompt, " Paris", plan)
+    fast = lab.trace(prompt, " Paris", plan, mode="fast", top=32)
+    effect = np.abs(exact.prob - exact.p_quantized)
+    top5 = set(np.argsort(-effect, axis=None)[:5].tolist())
+    est_top = set(np.argsort(-np.abs(fast.estimate - exact.p_quantized), axis=None)[:32].tolist())
+    assert top5 <= est_top
+    assert fast.exact.ravel()[sorted(top5)].all()
+    assert spearman(fast.estimate, exact.prob) > 0.5
+    np.testing.assert_allclose(fast.prob[fast.exact], exact.prob[fast.exact], atol=1e-5)
+    assert fast.best_cell == exact.best_cell
+    assert hook_count(lab.model) == 0
+
+
+def test_bench_fast_vs_exact_on_a_tiny_model(capsys):
+    from qviz.bench.trace import fast_vs_exact
+
+    lab = Lab(tiny_llama(), CharTokenizer())
+    plan = QuantPlan.uniform(QuantConfig(bits=2, group_size=32))
+    every = fast_vs_exact(lab, plan, "abcdefghijkl", 5, top=10**6)
+    assert every["fast_top10_found"] == 10 and every["fast_same_best_cell"]
+    few = fast_vs_exact(lab, plan, "abcdefghijkl", 5, top=3)
+    assert 0 <= few["fast_top10_found"] <= 10 and -1 <= few["fast_rank_corr"] <= 1
+    assert few["fast_tokens"] == 12 and few["fast_s"] > 0 and few["exact_long_s"] > 0
+    assert "fast mode" in capsys.readouterr().out

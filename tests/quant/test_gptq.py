@@ -343,3 +343,115 @@ def test_a_plan_mixing_methods_feeds_gptq_the_rtn_layers(tmp_path, monkeypatch):
     calib = gptq.calibration_ids(None, n_seq=4, seq_len=16, vocab_size=97)
     ref = gptq.gptq_materialize(model, get_adapter(model), plan, calib, progress=False)
     assert set(ref) == set(weights) and all(torch.equal(ref[k], weights[k]) for k in ref)
+
+
+# the implementation before the speed-up, kept verbatim as the reference ------------------------
+def _reference_quantize(w, H, cfg, blocksize=128):
+    """gptq_quantize as it was (per-column loop on [out, in], lazy block updates)."""
+    from qviz.quant.primitives import _scale_zero, group_size_for
+
+    n_in = w.shape[1]
+    g = group_size_for(cfg, n_in)
+    qmax = 2**cfg.bits - 1
+    W = w.detach().float().clone()
+    H = H.detach().to(torch.float64, copy=True)
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    if cfg.setting("act_order"):
+        perm = torch.argsort(H.diagonal(), descending=True)
+    else:
+        perm = torch.arange(n_in)
+    invperm = torch.argsort(perm)
+    W, H = W[:, perm], H[perm][:, perm]
+    Hinv = gptq._inverse_cholesky(H, cfg.setting("damp")).float()
+    group_of = (perm // g).tolist()
+    scale = torch.empty(W.shape[0], (n_in + g - 1) // g)
+    zero = torch.empty_like(scale)
+    done, Q = set(), torch.empty_like(W)
+    for i1 in range(0, n_in, blocksize):
+        i2 = min(i1 + blocksize, n_in)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            j = group_of[i1 + i]
+            if j not in done:
+                pos = invperm[j * g : min((j + 1) * g, n_in)]
+                inside = pos < i2
+                cur = torch.empty(W.shape[0], pos.numel())
+                cur[:, inside] = W1[:, pos[inside] - i1]
+                out = pos[~inside]
+                if out.numel():
+                    cur[:, ~inside] = W[:, out] - Err1[:, :i] @ Hinv[i1 : i1 + i, out]
+                s, z = _scale_zero(cur, cfg)
+                scale[:, j], zero[:, j] = s[:, 0], z[:, 0]
+                done.add(j)
+            s, z = scale[:, j], zero[:, j]
+            col = W1[:, i]
+            q = torch.sub(col, z).div_(s).round_().clamp_(0, qmax).mul_(s).add_(z)
+            Q[:, i1 + i] = q
+            err = (col - q) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return Q[:, invperm].to(w.dtype)
+
+
+def _reference_materialize(model, adapter, cfg, ids, batch=16):
+    """gptq_materialize as it was, for a uniform GPTQ plan: each Linear's own H (float32 per
+    chunk, float64 sum) from a full layer forward, quantized alone, then the outputs forward."""
+    from qviz.models.access import hidden_out
+
+    layers = adapter.decoder_layers(model)
+    out = {}
+    with torch.no_grad():
+        chunks = gptq._capture_inputs(model, layers[0], ids, batch)
+        for i, layer in enumerate(layers):
+            mods = {rel: layer.get_submodule(rel) for rel in adapter.linears}
+            acc = {rel: [0, 0] for rel in mods}
+
+            def hook(_m, args, rel, acc=acc):
+                flat = args[0].reshape(-1, args[0].shape[-1]).float()
+                acc[rel][0] = acc[rel][0] + (flat.t() @ flat).double()
+                acc[rel][1] += flat.shape[0]
+
+            hs = [
+                m.register_forward_pre_hook(lambda m, a, r=r, f=hook: f(m, a, r))
+                for r, m in mods.items()
+            ]
+            for h, kw, a in chunks:
+                layer(h, *a, **kw)
+            for h in hs:
+                h.remove()
+            new = {}
+            for rel, mod in mods.items():
+                H = acc[rel][0] * (2 / acc[rel][1])
+                q = _reference_quantize(_oi(mod.weight.data, mod), H, cfg)
+                new[rel] = _oi(q, mod).contiguous()
+                out[f"{adapter.layers}.{i}.{rel}"] = new[rel]
+            saved = {r: mods[r].weight.data for r in new}
+            for r, q in new.items():
+                mods[r].weight.data = q
+            chunks = [(hidden_out(layer(h, *a, **kw)), kw, a) for h, kw, a in chunks]
+            for r, w in saved.items():
+                mods[r].weight.data = w
+    return out
+
+
+@pytest.mark.parametrize("cfg", CFGS, ids=lambda c: c.label)
+def test_equal_to_the_implementation_before_the_speed_up(tiny_model, cfg):
+    """One x^T x per distinct input (shared by its readers) and the calibration forward cut
+    after the last Linear's input change nothing: the same weights, bit for bit."""
+    model, adapter = tiny_model, get_adapter(tiny_model)
+    ids = _ids(n_seq=20, seq_len=32)  # two chunks of 16 and 4 sequences
+    want = _reference_materialize(model, adapter, cfg, ids)
+    got = gptq.gptq_materialize(model, adapter, QuantPlan.uniform(cfg), ids, progress=False)
+    assert set(got) == set(want)
+    for name, w in want.items():
+        assert got[name].dtype == w.dtype and torch.equal(got[name], w), name
+    torch.manual_seed(0)
+    w, x = torch.randn(96, 200), torch.randn(500, 200)
+    H = 2 * x.t().double() @ x.double() / 500
+    for c in CFGS:
+        q, ref = gptq.gptq_quantize(w, H, c, blocksize=64), _reference_quantize(w, H, c, 64)
+        assert torch.equal(q, ref)
