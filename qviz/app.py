@@ -59,9 +59,10 @@ def create_app(model: str = "smollm2-135m"):
     import panel as pn
 
     from qviz.views.models import ModelPage
+    from qviz.views.sweep_tab import SweepTab
 
     page = ModelPage(registry(), model, choices=model_choices(model))
-    tabs = pn.Tabs(("Diagnostics", page), dynamic=False)
+    tabs = pn.Tabs(("Diagnostics", page), ("Sweep results", SweepTab()), dynamic=False)
     return pn.Column(page.header, tabs, sizing_mode="stretch_width")
 
 
