@@ -11,18 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.views import test_serve_browser as _serve
 from tests.views.browser import (
     JS_CKA_FINGERPRINT,
     TIMEOUT_MS,
     PageRecorder,
-    ServerProcess,
-    chromium_or_skip,
     cka_fingerprint,
-    launch,
     press_slider,
     wait_cka_change,
     wait_plan,
 )
+
+server, chrome = _serve.server, _serve.chrome  # the same fixtures: smollm2-135m served, chromium
 
 pytestmark = pytest.mark.model
 SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "dashboard_models.png"
@@ -32,27 +32,6 @@ JS_SWEEP_CELLS = """() => Bokeh.documents.some(d => {
   const v = s.data instanceof Map ? s.data.get('verdict') : s.data['verdict'];
   return v && v.length === 4;
 })"""
-
-
-@pytest.fixture(scope="module")
-def server():
-    chromium_or_skip()
-    srv = ServerProcess("smollm2-135m")
-    with srv as url:
-        yield url
-        log = srv.output(tail=200_000)
-    assert "Traceback" not in log, f"the server logged an exception:\n{log[-4000:]}"
-
-
-@pytest.fixture(scope="module")
-def chrome():
-    exe = chromium_or_skip()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = launch(p, exe)
-        yield b
-        b.close()
 
 
 def _open(chrome, url, bits: int | None = 4):
