@@ -1,116 +1,79 @@
 """The served app (``qviz serve``); the HTML report (``qviz report``) is ``qviz.report``.
 
-One Lab per model is loaded once per process and shared by every browser session (each
-session gets its own DashboardState and views). Pages show a loading indicator while the model
-loads, and a message (not a server log line) when it cannot be loaded.
+Labs live in one process-wide registry (``qviz.views.models.LabRegistry``): each model is loaded
+once, on a background thread, and shared by every browser session that picks it (each session
+gets its own DashboardState and views); at most ``QVIZ_SERVE_MODELS`` (default 2) stay resident.
+Pages show the model selector, loading progress while a model loads, and a message (not a
+server log line) when it cannot be loaded. A second tab shows a sweep's results file.
 """
 
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Sequence
 
-_LABS: dict[str, object] = {}
 # prompts longer than this are refused with a message in the served page (the API's default is
 # Lab.max_prompt_tokens = 1024); QVIZ_SERVE_MAX_TOKENS changes it
 SERVE_MAX_PROMPT_TOKENS = int(os.environ.get("QVIZ_SERVE_MAX_TOKENS", 256))
-_ERRORS: dict[str, str] = {}
-_LOAD_LOCK = threading.Lock()
+SERVE_MODELS = int(os.environ.get("QVIZ_SERVE_MODELS", 2))  # models resident at most
+_REGISTRY = None
+
+
+def _load_lab(model: str):
+    from qviz.lab import Lab
+
+    lab = Lab.load(model)
+    lab.max_prompt_tokens = SERVE_MAX_PROMPT_TOKENS
+    return lab
+
+
+def registry():
+    """The process-wide LabRegistry of the served app (created on first use)."""
+    global _REGISTRY
+    if _REGISTRY is None:
+        from qviz.views.models import LabRegistry
+
+        _REGISTRY = LabRegistry(_load_lab, max_resident=SERVE_MODELS)
+    return _REGISTRY
 
 
 def shared_lab(model: str):
     """The process-wide Lab of ``model``, loaded on first use (thread-safe)."""
-    with _LOAD_LOCK:
-        if model not in _LABS:
-            from qviz.lab import Lab
-
-            lab = Lab.load(model)
-            lab.max_prompt_tokens = SERVE_MAX_PROMPT_TOKENS
-            _LABS[model] = lab
-        return _LABS[model]
+    return registry().get(model)
 
 
-_THREADS: dict[str, threading.Thread] = {}
+def _load_in_background(model: str):
+    """Start loading ``model`` on the registry's thread; its registry entry."""
+    return registry().request(model)
 
 
-def _loading(model: str) -> bool:
-    t = _THREADS.get(model)
-    return t is not None and (t.is_alive() or model in _LABS or model in _ERRORS)
+def model_choices(model: str) -> list[str]:
+    """The selector's models: the embedded ones and ``model`` (``--model``) when another."""
+    from qviz.models.load import EMBEDDED
+
+    return list(dict.fromkeys([model, *EMBEDDED]))
 
 
-def _load_in_background(model: str) -> threading.Thread:
-    def run() -> None:
-        try:
-            shared_lab(model)
-        except Exception as err:
-            _ERRORS[model] = f"{type(err).__name__}: {err}"
+def model_page(model: str, methods: Sequence[str] = ()):
+    """A session's ModelPage on the shared registry; ``methods`` set its first Dashboard's
+    method, then its side-by-side method."""
+    from qviz.views.models import ModelPage
 
-    t = threading.Thread(target=run, name="qviz-load", daemon=True)
-    _THREADS[model] = t
-    t.start()
-    return t
-
-
-def _dashboard(lab, model: str, methods: Sequence[str]):
-    """A session's Dashboard; ``methods`` set its method, then its side-by-side method."""
-    from qviz.views import Dashboard
-    from qviz.views.state import DashboardState
-
-    state = DashboardState(model=model)
-    state.param.update(dict(zip(("method", "method2"), methods, strict=False)))
-    return Dashboard(lab, state)
+    settings = dict(zip(("method", "method2"), methods, strict=False))
+    return ModelPage(registry(), model, choices=model_choices(model), settings=settings)
 
 
 def create_app(model: str = "smollm2-135m", methods: Sequence[str] = ()):
-    """One session's page: a loading indicator, replaced by the Dashboard once the model is in.
-    ``methods``: the dashboard's method, then the side-by-side one (both optional)."""
+    """One session's page: the model selector, then tabs: the Dashboard (a loading indicator
+    until its model is in) and the sweep results view. ``methods``: the dashboard's method,
+    then its side-by-side method (both optional; ``qviz serve --method``)."""
     import panel as pn
 
-    header = pn.pane.Markdown(f"## qviz: how weight quantization breaks {model}", margin=(5, 10))
-    root = pn.Column(header, sizing_mode="stretch_width")
-    if model in _LABS:
-        root.append(_dashboard(_LABS[model], model, methods))
-        return root
-    spinner = pn.indicators.LoadingSpinner(value=True, size=40, name="Loading model ...")
-    msg = pn.pane.Str(f"Loading {model} ...", css_classes=["qviz-loading"])
-    root.extend([pn.Row(spinner, msg)])
+    from qviz.views.sweep_tab import SweepTab
 
-    def swap() -> bool:
-        """Replace the spinner once the model is in (or failed); True when done."""
-        if model in _LABS:
-            root[1:] = [_dashboard(_LABS[model], model, methods)]
-        elif model in _ERRORS:
-            root[1:] = [
-                pn.pane.Alert(
-                    f"Could not load model {model!r}: {_ERRORS[model]}",
-                    alert_type="danger",
-                    css_classes=["qviz-error"],
-                )
-            ]
-        else:
-            return False
-        return True
-
-    if pn.state.curdoc is not None and pn.state.curdoc.session_context is not None:
-        # Under a server: poll on the session's own event loop (holds the document lock, no
-        # cross-thread document edits), so a slow or racing load can never strand the page.
-        if not _loading(model):
-            _load_in_background(model)
-        holder: dict = {}
-
-        def poll() -> None:
-            if swap() and "cb" in holder:
-                holder["cb"].stop()
-
-        holder["cb"] = pn.state.add_periodic_callback(poll, period=250)
-    else:  # notebook or script: load now
-        try:
-            shared_lab(model)
-        except Exception as err:
-            _ERRORS[model] = f"{type(err).__name__}: {err}"
-        swap()
-    return root
+    page = model_page(model, methods)
+    tabs = pn.Tabs(("Diagnostics", page), ("Sweep results", SweepTab()), dynamic=False)
+    return pn.Column(page.header, tabs, sizing_mode="stretch_width")
 
 
 def serve(

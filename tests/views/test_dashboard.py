@@ -337,9 +337,11 @@ def test_serve_method_flags_set_the_method_and_the_side_by_side_method(monkeypat
     assert cli.main(["serve"]) == 0 and got["methods"] == []
     with pytest.raises(SystemExit, match="given 3 times"):
         cli.main(["serve", *["--method", "rtn"] * 3])
-    dash = qviz.app._dashboard(tiny_lab(), "tiny", ["rtn", "rtn"])
-    assert dash.state.method == "rtn" and dash.state.method2 == "rtn"
-    dash.controller.close()
-    plain = qviz.app._dashboard(tiny_lab(), "tiny", [])
-    assert plain.state.method2 == "none"
-    plain.controller.close()
+    from qviz.views.models import LabRegistry
+
+    monkeypatch.setattr(qviz.app, "_REGISTRY", LabRegistry(lambda name: tiny_lab()))
+    for methods, want in ((["rtn", "rtn"], ("rtn", "rtn")), ([], ("rtn", "none"))):
+        page = qviz.app.model_page("tiny", methods)
+        page.switch("tiny")
+        assert (page.dashboard.state.method, page.dashboard.state.method2) == want
+        page.dashboard.controller.close()
