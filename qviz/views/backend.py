@@ -167,6 +167,10 @@ class Backend:
 
         return self._cached(("prescribe", float(budget), method, group_size), compute)
 
+    def prefetch(self, plans: list[QuantPlan], cancel: threading.Event | None = None):
+        """Materialize ``plans`` in the background (``Lab.prefetch``); the started thread."""
+        return self.lab.prefetch(plans, cancel=cancel)
+
     def uniform_within(self, budget: float, method: str, group_size) -> tuple | None:
         """(plan, decoder bits/weight) of the uniform plan of ``method`` with the most bits
         per weight within ``budget`` (bits 2..8, the dashboard's group sizes; the footprint

@@ -14,6 +14,7 @@ engine or the bundled data.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -210,6 +211,8 @@ class Controller:
         }
         self._busy = dict.fromkeys(self.KINDS, False)
         self._budget_key = None
+        self._prefetch_stop = threading.Event()
+        self.prefetching: threading.Thread | None = None  # the last prefetch (tests join it)
         settings = [*DashboardState.SETTINGS, *DashboardState.SETTINGS2]
         state.param.watch(self.request_compare, settings)
         state.param.watch(
@@ -229,6 +232,7 @@ class Controller:
 
     def cancel(self, *_events) -> None:
         """The Cancel button: every running job stops at its next step; results stay shown."""
+        self._prefetch_stop.set()
         for kind in self.KINDS:
             self._cancel[kind].set()
 
@@ -286,6 +290,7 @@ class Controller:
         prompt, target = s.prompt, s.target
         asked, asked2 = (plan.label, prompt, target), s.asked2()
         cancel = self._fresh_cancel("compare")  # a newer request or a cached setting: stop
+        self._prefetch_stop.set()  # the user moved: the slider's own plan goes first
         plans = [p for p in (plan, plan2) if p is not None]
         cached = [self.backend.peek(Backend.compare_key(prompt, target, p)) for p in plans]
 
@@ -386,6 +391,23 @@ class Controller:
         s.param.update(**updates)
         shown = " beside ".join(c.plan_label for c in (cmp, cmp2) if c is not None)
         self._set_busy("compare", False, f"showing {shown}")
+        self._prefetch_neighbours()
+
+    def _prefetch_neighbours(self) -> None:
+        """While idle, materialize the bit-widths next to the one shown (within the engine's
+        budget, never evicting; stopped by the next request). Round-to-nearest only: it costs
+        tens of ms a plan (HQQ or GGUF encoding would hold the engine for seconds).
+        ``QVIZ_PREFETCH=0``: off."""
+        s = self.state
+        off = os.environ.get("QVIZ_PREFETCH", "1") == "0"
+        if self._closed or s.budget_on or s.method != "rtn" or off:
+            return
+        self._prefetch_stop = threading.Event()
+        plans = [plan_for(s, b) for b in (int(s.bits) - 1, int(s.bits) + 1) if 2 <= b <= 8]
+        try:
+            self.prefetching = self.backend.prefetch(plans, cancel=self._prefetch_stop)
+        except (ValueError, ImportError):  # a plan the model cannot take: nothing to prefetch
+            pass
 
     # tracing --------------------------------------------------------------------------------
     def request_trace(self, *_events) -> None:

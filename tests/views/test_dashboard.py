@@ -12,6 +12,7 @@ import pytest
 
 import qviz
 from qviz.cancel import check_cancel
+from qviz.views.backend import plan_for
 from qviz.views.components import LAYOUT, DashboardState, arrange
 from qviz.views.dashboard import Backend, Controller, Progress
 from tests.conftest import CharTokenizer, tiny_llama
@@ -196,6 +197,29 @@ def test_one_layout_serves_every_front():
     )
     assert built == ("col", (("row", ("C",)), ("row", ("L", ("col", ("F",))))))
     assert LAYOUT[0] == ["budget"]  # hidden unless the budget plan is on
+
+
+def test_neighbouring_bit_widths_are_prefetched_when_idle_and_a_move_stops_it(monkeypatch):
+    """After a compare, bits +- 1 are materialized in the background (RTN only), so the next
+    slider step finds its weights cached; a new request sets the prefetch's stop event."""
+    monkeypatch.delenv("QVIZ_PREFETCH", raising=False)
+    lab, state = tiny_lab(), tiny_state()
+    ctl = Controller(Backend(lab), state, dispatch=lambda fn: fn())
+    ctl.start()
+    assert ctl.wait(JOIN)
+    ctl.prefetching.join(JOIN)
+    cached = set(lab.engine.cached_plans)
+    assert {plan_for(state, 3), plan_for(state, 5)} <= cached
+    stop = ctl._prefetch_stop
+    state.bits = 5  # its weights are in: only compare's own work remains
+    assert stop.is_set() and ctl.wait(JOIN)
+    assert state.comparison.plan_label == plan_for(state, 5).label
+    before = ctl.prefetching
+    ctl._prefetch_neighbours()
+    assert ctl.prefetching is not before  # idle again: the next neighbours (4 and 6)
+    ctl.prefetching.join(JOIN)
+    assert plan_for(state, 6) in set(lab.engine.cached_plans)
+    ctl.close()
 
 
 def test_a_plan_the_model_cannot_take_is_refused_before_any_work():
