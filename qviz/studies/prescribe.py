@@ -338,9 +338,10 @@ def greedy_search(
     measured (joint) KL per bit, until no raise fits. Each tried raise is one forward pass on
     the calibration windows: about L per raise.
 
-    ``top_k`` (a bound, None = the full search): after the first step, re-measure only the
-    ``top_k`` raises with the best gain measured so far (others keep their last, stale gain;
-    a lazy greedy), about ``top_k`` forwards per raise instead of L."""
+    ``top_k`` (a bound, None = the full search): after the first step, measure only the raise
+    that just became possible (the raised layer's next option) and re-measure the ``top_k``
+    others with the best gain measured so far (a lazy greedy: the rest keep their stale
+    gain), about ``top_k + 1`` forwards per raise instead of L."""
     order = [int(i) for i in np.argsort(costs.mean(0), kind="stable")]
     n = costs.shape[0]
     rank = [0] * n
@@ -360,8 +361,10 @@ def greedy_search(
                 fits.append((layer, nxt, extra))
         if not fits:
             return choice
-        if top_k is not None and step > 0:
-            fits = sorted(fits, key=lambda f: -stale.get(f[0], np.inf))[: max(int(top_k), 1)]
+        if top_k is not None and step > 0:  # new raises, then the best stale ones
+            new = [f for f in fits if f[0] not in stale]
+            old = sorted((f for f in fits if f[0] in stale), key=lambda f: -stale[f[0]])
+            fits = new + old[: max(int(top_k), 1)]
         best = None
         for layer, nxt, extra in fits:
             check_cancel(cancel, f"greedy step {step + 1}, layer {layer}")
