@@ -174,6 +174,24 @@ def test_cached_cancellable_progress(tiny_lab, monkeypatch):
     assert c.plan == b.plan and len(calls) == 2
 
 
+def test_bench_prescribe_on_tiny(tiny_lab, monkeypatch, capsys):
+    from qviz import bench
+    from qviz.bench import prescribe as BP
+
+    monkeypatch.setattr(Lab, "load", classmethod(lambda cls, name: tiny_lab))
+    for name, value in (("CALIB_TOKENS", 64), ("WINDOW", 32), ("EVAL_CHARS", 600)):
+        monkeypatch.setattr(BP, name, value)
+    out = bench.run_one("prescribe", "tiny")
+    assert out["greedy_top_k"] is None  # 3 layers: the full greedy search
+    assert out["ratio"] == pytest.approx(out["greedy_s"] / out["prescribe_s"])
+    assert out["prescribe_forward_passes"] == 1 + 1 + 3 * 12 + 1
+    assert out["greedy_forward_passes"] > 3
+    for s in out["scores"].values():
+        assert s["effective_bits"] <= BP.BUDGET + 1e-12
+    text = capsys.readouterr().out
+    assert "ratio greedy / prescribe" in text and "slider" in text
+
+
 def test_plan_of_round_trips():
     opts = [QuantConfig(2, 32), QuantConfig(4, 32), None]
     plan = P.plan_of([1, 0, 1, 2], opts)

@@ -10,6 +10,7 @@ BUDGET = 3.5
 CANDIDATES = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128)
 CALIB_TOKENS = 256
+WINDOW = 128
 EVAL_CHARS = 10_000
 
 
@@ -43,7 +44,12 @@ def bench_prescribe(model_name: str = "smollm2-135m") -> dict:
         f"tokens, {greedy_name}, torch threads {torch.get_num_threads()}"
     )
     P.clear_cache(lab)
-    kw = {"candidates": CANDIDATES, "group_size": GROUP_SIZES, "n_calib_tokens": CALIB_TOKENS}
+    kw = {
+        "candidates": CANDIDATES,
+        "group_size": GROUP_SIZES,
+        "n_calib_tokens": CALIB_TOKENS,
+        "window": WINDOW,
+    }
     t = time.perf_counter()
     rx = lab.prescribe(BUDGET, baselines=False, check=False, **kw)
     t_rx = time.perf_counter() - t
@@ -57,7 +63,7 @@ def bench_prescribe(model_name: str = "smollm2-135m") -> dict:
     options = P.options_of(("rtn",), CANDIDATES, GROUP_SIZES)
     costs = P.layer_costs(lab, options)
     budget = BUDGET * P.decoder_params(lab)
-    ids = P.calibration_ids(lab, P.split_text()[0], CALIB_TOKENS, 128)
+    ids = P.calibration_ids(lab, P.split_text()[0], CALIB_TOKENS, WINDOW)
     t = time.perf_counter()
     meter = P.KLMeter(lab, ids, check_suffix=False)
     g_plan = P.plan_of(P.greedy_search(meter, costs, options, budget, top_k=top_k), options)
