@@ -205,10 +205,20 @@ def test_split_text_is_disjoint():
 
 
 def test_embedded_at_3_5_bits_beats_uniform_3bit(lab):
-    """SmolLM2-135M: within 3.5 bits/weight and a lower held-out perplexity than uniform rtn3."""
-    rx = lab.prescribe(3.5, candidates=(2, 3, 4), n_calib_tokens=128, baselines=False, check=False)
+    """SmolLM2-135M: within 3.5 bits/weight, a lower held-out perplexity than uniform rtn3-g128
+    and a lower calibration KL than uniform rtn3-g64 (the best uniform plan that fits)."""
+    rx = lab.prescribe(
+        3.5,
+        candidates=(2, 3, 4),
+        group_size=(64, 128),
+        n_calib_tokens=128,
+        baselines=False,
+        check=False,
+    )
     fp = footprint(lab.model, rx.plan, include_embeddings=False)
     assert fp.effective_bits <= 3.5 + 1e-12
-    held = P.split_text()[1][:3000]
+    held = P.split_text()[1][:4000]
     uniform3 = QuantPlan.uniform(QuantConfig(3, 128))
     assert lab.perplexity(rx.plan, text=held) < lab.perplexity(uniform3, text=held)
+    meter = P.KLMeter(lab, P.calibration_ids(lab, P.split_text()[0], 128, 128), False)
+    assert meter(rx.plan) < meter(QuantPlan.uniform(QuantConfig(3, 64)))
