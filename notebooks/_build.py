@@ -1137,12 +1137,15 @@ PRESCRIPTION = [
         # Prescription: the per-layer plan for a bits-per-weight budget
 
         `lab.prescribe(budget_bits)` answers "so what should I ship?". It measures how much each
-        decoder layer hurts when it alone is quantized at each candidate bit-width (the KL
-        divergence of the next-token distribution from full precision, on the first third of
-        the bundled prose only), then solves the allocation exactly: one bit-width per layer,
-        total stored bits (scales and zeros included, as `qviz.footprint` counts them) within
-        the budget, least summed KL. It checks the result with the verdict and scores it
-        against uniform and protect-first-k plans on text it never saw.""",
+        decoder layer hurts when it alone is quantized with each option -- a bit-width **and** a
+        group size (the KL divergence of the next-token distribution from full precision, on
+        the first third of the bundled prose only; each variant runs from the stored input of
+        its layer, so only the layers after it are recomputed). Then it solves the allocation
+        exactly: one option per layer, total stored bits (scales and zeros included, as
+        `qviz.footprint` counts them) within the budget, least summed KL. It checks the result
+        with the verdict and scores it against uniform and protect-first-k plans on text it
+        never saw. The table is cached per model, options and calibration, so a second budget
+        (a slider) costs one forward pass.""",
     ),
     (
         "code",
@@ -1153,9 +1156,12 @@ PRESCRIPTION = [
         from qviz.studies.prescribe import split_text
 
         lab = qviz.Lab.load("smollm2-135m")
-        BUDGETS = [3.0, 3.5, 4.0]
-        FAST = dict(n_calib_tokens=256, eval_chars=4000, n_facts=40, greedy=False)
+        BUDGETS = [2.5, 3.0, 3.5, 4.0, 5.0]
+        # small for the notebook: 3 bit-widths x 2 group sizes, 128 calibration tokens
+        OPTS = dict(candidates=(2, 3, 4), group_size=(64, 128), n_calib_tokens=128)
+        FAST = dict(OPTS, eval_chars=4000, n_facts=40, greedy=False)
         first = lab.prescribe(BUDGETS[0], baselines=False, **FAST)
+        print("options:", first.options)
         print("sensitivity forward passes:", first.forward_passes)
         first.sensitivity.round(4).head(8)""",
     ),
@@ -1164,27 +1170,29 @@ PRESCRIPTION = [
         """\
         ## 1. Which layers are sensitive
 
-        Each row is a decoder layer, each column a candidate; the value is the KL increase when
-        only that layer is quantized. The same table serves every budget (`sensitivity=`).""",
+        Each row is a decoder layer, each column an option; the value is the KL increase when
+        only that layer is quantized. The same (cached) table serves every budget.""",
     ),
     (
         "code",
         """\
         sens = first.sensitivity
         top = sens["rtn2-g128"].sort_values(ascending=False).head(5)
-        print("most sensitive layers at 2 bits:", list(top.index))
-        rx = {b: lab.prescribe(b, sensitivity=sens, baselines=(b == 3.5), **FAST) for b in BUDGETS}
+        print("most sensitive layers at 2 bits g128:", list(top.index))
+        rx = {b: lab.prescribe(b, baselines=(b == 3.5), **FAST) for b in BUDGETS}
         for b, r in rx.items():
             fp = qviz.footprint(lab.model, r.plan, include_embeddings=False)
             assert fp.effective_bits <= b + 1e-12, (b, fp.effective_bits)
-            print(b, round(fp.effective_bits, 4), r.verdict.mode, r.bits)""",
+            assert r.sensitivity is sens  # the cached table: no new sensitivity passes
+            print(b, round(fp.effective_bits, 4), r.verdict.mode, " ".join(r.choice))""",
     ),
     (
         "md",
         """\
         ## 2. The plans: bits per layer
 
-        More budget buys bits first where the sensitivity table says they matter most.""",
+        More budget buys bits (and smaller groups) first where the sensitivity table says they
+        matter most. The bar height is the layer's stored bits per weight, scales included.""",
     ),
     ("code", BOKEH_SETUP),
     (
@@ -1193,11 +1201,17 @@ PRESCRIPTION = [
         from bokeh.layouts import column
         from bokeh.plotting import figure
 
+        def stored_bits(option):  # e.g. "rtn3-g64" -> 3 + 32 / 64 (16-bit scale and zero)
+            bits, group = option.removeprefix("rtn").split("-g")
+            return int(bits) + 32 / int(group)
+
         figs = []
         for b, r in rx.items():
             f = figure(height=160, width=700, title=f"budget {b} bits/weight: {r.verdict.mode}",
-                       y_range=(0, 9), x_axis_label="decoder layer", y_axis_label="bits")
-            f.vbar(x=list(range(len(r.bits))), top=r.bits, width=0.8)
+                       y_range=(0, 5), x_axis_label="decoder layer",
+                       y_axis_label="bits/weight")
+            f.vbar(x=list(range(len(r.choice))), top=[stored_bits(c) for c in r.choice],
+                   width=0.8)
             figs.append(f)
         show(column(*figs))""",
     ),
@@ -1206,29 +1220,57 @@ PRESCRIPTION = [
         """\
         ## 3. Against the baselines at 3.5 bits (held-out prose and facts)
 
-        Every uniform plan (candidate bits x group sizes) and every protect-first-k plan that
-        fits the same budget. `ppl_ratio_vs_prescribed` > 1 means the prescription has the lower
-        perplexity. The greedy one-layer-at-a-time KL search is left out here to keep the
-        notebook short (about 30 forward passes per raised layer); pass `greedy=True`.""",
+        Every uniform plan (candidate bits x group sizes 32, 64, 128 and per channel) and
+        every protect-first-k plan that fits the same budget. `ppl_ratio_vs_prescribed` > 1
+        means the prescription has the lower perplexity. The greedy one-layer-at-a-time KL
+        search is left out here to keep the notebook short (about 30 forward passes per raise,
+        over a hundred raises at this budget); pass `greedy=True` (or `greedy_top_k=1`, a
+        bounded variant), or run `qviz bench prescribe`.""",
     ),
     (
         "code",
         """\
+        print(rx[3.5].summary())
         cmp = rx[3.5].comparison()
-        cmp.round(4)""",
+        cmp.drop(columns="plan").round(4)""",
     ),
     (
         "code",
         """\
-        # the prescription beats the uniform 3-bit plan at 3.5 bits on held-out perplexity
+        # at 3.5 bits the prescription has a lower calibration KL than every uniform plan that
+        # fits; on held-out prose it is close to the best one, rtn3-g64 (these small settings:
+        # 128 calibration tokens, 2 group sizes), and far below rtn3-g128
         me = cmp.iloc[0]
+        uniform = cmp[cmp.kind == "uniform"]
+        assert me.effective_bits <= 3.5 and (me.calib_kl < uniform.calib_kl).all(), uniform
         u3 = cmp[cmp.plan == "rtn3-g128"].iloc[0]
-        assert me.effective_bits <= 3.5 and me.perplexity < u3.perplexity, (me, u3)""",
+        assert me.perplexity < u3.perplexity, (me, u3)""",
     ),
     (
         "md",
         """\
-        ## 4. The frontier: held-out perplexity against bits per weight""",
+        ## 4. Which layers get the bits, and why
+
+        The perfect-input test (`lab.isolate`: each layer fed the reference input, one batched
+        pass) on the cheapest plan: layers whose own update is most damaged at 2 bits are the
+        ones the allocation raises first.""",
+    ),
+    (
+        "code",
+        """\
+        iso = lab.isolate("The capital city of France is",
+                          qviz.QuantPlan.uniform(qviz.QuantConfig(2, 128)))
+        why = pd.DataFrame({
+            "option at 3.5": rx[3.5].choice,
+            "KL alone at rtn2-g128": sens["rtn2-g128"].to_numpy(),
+            "update cosine at 2 bits": iso.delta_cosine,
+        })
+        why.round(4).sort_values("KL alone at rtn2-g128", ascending=False).head(10)""",
+    ),
+    (
+        "md",
+        """\
+        ## 5. The frontier: held-out perplexity against bits per weight""",
     ),
     (
         "code",
@@ -1239,10 +1281,11 @@ PRESCRIPTION = [
             rows.append({"kind": "prescribed", "bits": r.effective_bits,
                          "perplexity": lab.perplexity(r.plan, text=held)})
         for bits in (2, 3, 4):
-            plan = qviz.QuantPlan.uniform(qviz.QuantConfig(bits, 128))
-            fp = qviz.footprint(lab.model, plan, include_embeddings=False)
-            rows.append({"kind": "uniform", "bits": fp.effective_bits,
-                         "perplexity": lab.perplexity(plan, text=held)})
+            for group in (64, 128):
+                plan = qviz.QuantPlan.uniform(qviz.QuantConfig(bits, group))
+                fp = qviz.footprint(lab.model, plan, include_embeddings=False)
+                rows.append({"kind": "uniform", "bits": fp.effective_bits,
+                             "perplexity": lab.perplexity(plan, text=held)})
         front = pd.DataFrame(rows)
         f = figure(height=300, width=600, x_axis_label="decoder bits per weight",
                    y_axis_label="held-out perplexity", y_axis_type="log")

@@ -134,6 +134,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench.run(args.what, model=args.model, json_out=args.json, uncached=args.uncached)
 
 
+def _group_sizes(text: str) -> list[int | None]:
+    """--group-size 32,64,128 (0 = per output channel)."""
+    try:
+        sizes = [int(g) for g in text.split(",") if g.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            f"--group-size takes a comma list like 32,64,128 (0 = per channel), got {text!r}"
+        ) from err
+    if not sizes or any(g < 0 for g in sizes):
+        raise argparse.ArgumentTypeError(
+            f"--group-size takes sizes > 0 (or 0 = per channel) like 32,64,128, got {text!r}"
+        )
+    return [g or None for g in sizes]
+
+
 def cmd_prescribe(args: argparse.Namespace) -> int:
     """The least-KL per-layer plan within --budget bits/weight and its comparison."""
     from qviz import Lab
@@ -150,9 +165,12 @@ def cmd_prescribe(args: argparse.Namespace) -> int:
             args.budget,
             methods=tuple(args.method or ["rtn"]),
             candidates=tuple(args.candidates),
-            group_size=args.group_size or None,
-            greedy=args.greedy,
+            group_size=tuple(args.group_size),
+            greedy=args.greedy or args.greedy_top_k is not None,
+            greedy_top_k=args.greedy_top_k,
             n_facts=args.facts,
+            n_calib_tokens=args.calib_tokens,
+            eval_chars=args.eval_chars,
         )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -165,6 +183,7 @@ def cmd_prescribe(args: argparse.Namespace) -> int:
             "plan": rx.plan.label,
             "bits": rx.bits,
             "effective_bits": rx.effective_bits,
+            "choice": rx.choice,
             "verdict": verdict,
             "forward_passes": rx.forward_passes,
             "comparison": json.loads(cmp.to_json(orient="records")),
@@ -175,8 +194,11 @@ def cmd_prescribe(args: argparse.Namespace) -> int:
             f"budget {rx.budget_bits} bits/weight -> {rx.effective_bits:.4f}, "
             f"verdict {verdict or '-'}, {rx.forward_passes} forward passes"
         )
-        print("bits per layer:", " ".join(map(str, rx.bits)))
-        print(cmp.to_string(index=False))
+        print("per layer:", " ".join(c.removeprefix("rtn") for c in rx.choice))
+        print(rx.summary())
+        cols = ["kind", "effective_bits", "calib_kl", "perplexity", "fact_accuracy"]
+        cols += ["forward_passes", "ppl_ratio_vs_prescribed", "acc_gain_of_prescribed"]
+        print(cmp[cols].to_string(index=False) if len(cmp) else "")
     return 0
 
 
@@ -278,9 +300,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, required=True, help="decoder bits per weight")
     p.add_argument("--method", action="append", choices=method_names(), help="repeatable (rtn)")
     p.add_argument("--candidates", type=_bits, default=[2, 3, 4, 8])
-    p.add_argument("--group-size", type=int, default=128, help="0 = per output channel")
+    p.add_argument(
+        "--group-size", type=_group_sizes, default=[32, 64, 128], help="list, 0 = per channel"
+    )
     p.add_argument("--facts", type=int, default=100, help="held-out facts per baseline")
+    p.add_argument("--calib-tokens", type=int, default=256, help="calibration tokens")
+    p.add_argument("--eval-chars", type=int, help="only this much held-out prose")
     p.add_argument("--greedy", action="store_true", help="also the greedy KL search (slow)")
+    p.add_argument("--greedy-top-k", type=int, help="bounded greedy: K re-measures per raise")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_prescribe)
     p = sub.add_parser("report", help="standalone HTML report of every view per bit-width")

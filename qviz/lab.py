@@ -414,8 +414,11 @@ class Lab:
     # prescription -------------------------------------------------------------------------------
     def prescribe(self, budget_bits: float, **kw) -> Prescription:
         """Prescription: the least-KL per-layer plan within ``budget_bits`` decoder bits/weight.
-        Keywords: methods=("rtn",), candidates=(2, 3, 4, 8), objective="kl", group_size=128,
-        cancel=None and the search/baseline options of ``qviz.studies.prescribe.prescribe``."""
+        Keywords: methods=("rtn",), candidates=(2, 3, 4, 8), objective="kl",
+        group_size=(32, 64, 128) (one size or several), cancel=None, progress=None (called
+        with (done, total)) and the search/baseline options of
+        ``qviz.studies.prescribe.prescribe``. Cached: the same call again returns at once; a
+        new budget re-runs only the allocation (a slider: ``baselines=False``)."""
         from qviz.studies.prescribe import prescribe
 
         return prescribe(self, budget_bits, **kw)

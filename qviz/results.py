@@ -509,3 +509,33 @@ class Prescription:
         )
         df.loc[df.index[0], "prescribed_beats"] = False
         return df
+
+    def summary(self, width: int = 36) -> str:
+        """The comparison as text: one line per baseline, by how much the prescription beats it
+        (perplexity, fact accuracy) and the forward passes each search spent; plan labels cut
+        to ``width`` characters."""
+        df = self.comparison()
+        if df.empty:
+            return "no baselines scored"
+        me = df.iloc[0]
+        beaten = df.iloc[1:]
+        beaten = beaten[beaten["kind"] != "full precision"]
+        lines = [
+            f"prescribed {me['plan'][:width]}: {me['effective_bits']:.4f} bits/weight, "
+            f"perplexity {me['perplexity']:.1f}, fact accuracy {me['fact_accuracy']:.3f}, "
+            f"{int(me['forward_passes'])} forward passes; beats "
+            f"{int(beaten['prescribed_beats'].sum())} of {len(beaten)} baselines at equal or "
+            "lower budget"
+        ]
+        for _, r in df.iloc[1:].iterrows():
+            word = "beats" if r["prescribed_beats"] else "LOSES TO"
+            word = "vs" if r["kind"] == "full precision" else word
+            pct = 100 * (r["perplexity"] / me["perplexity"] - 1)
+            lines.append(
+                f"  {word:<8} "
+                f"{r['kind']:<16} {r['plan'][:width]:<{width}} {r['effective_bits']:.4f} b/w  "
+                f"ppl {r['perplexity']:7.1f} ({pct:+6.1f}% vs prescribed)  "
+                f"facts {r['fact_accuracy']:.3f} ({100 * r['acc_gain_of_prescribed']:+.1f} pts "
+                f"for prescribed)  forward passes {int(r['forward_passes'])}"
+            )
+        return "\n".join(lines)

@@ -30,7 +30,8 @@ def test_plan_respects_budget_as_footprint_counts(tiny_lab, budget):
     for i, b in enumerate(rx.bits):
         cfg = rx.plan.config_for(i)
         assert cfg is not None and cfg.bits == b
-    assert rx.forward_passes == 1 + 3 * 4 + 1  # reference, L x options, the plan itself
+    # reference, the suffix check, L x options, the plan itself
+    assert rx.forward_passes == 1 + 1 + 3 * 4 + 1
     assert list(rx.sensitivity.columns) == rx.options and len(rx.sensitivity) == 3
     assert len(rx.to_frame()) == 3
 
@@ -69,13 +70,17 @@ def test_allocation_equals_brute_force(seed):
 
 
 def test_greedy_stays_in_budget(tiny_lab):
-    opts = P.options_of(("rtn",), (2, 4, 8), 32)
+    opts = P.options_of(("rtn",), (2, 4, 8), (32, 64))
     costs = P.layer_costs(tiny_lab, opts)
-    meter = P.KLMeter(tiny_lab, P.calibration_ids(tiny_lab, P.split_text()[0], 64, 32))
+    ids = P.calibration_ids(tiny_lab, P.split_text()[0], 64, 32)
     budget = 5.0 * P.decoder_params(tiny_lab)
-    choice = P.greedy_search(meter, costs, opts, budget)
-    assert costs[np.arange(3), choice].sum() <= budget
-    assert meter.forward_passes > 2
+    passes = {}
+    for top_k in (None, 1):
+        meter = P.KLMeter(tiny_lab, ids, check_suffix=False)
+        choice = P.greedy_search(meter, costs, opts, budget, top_k=top_k)
+        assert costs[np.arange(3), choice].sum() <= budget
+        passes[top_k] = meter.forward_passes
+    assert passes[None] > passes[1] > 2
 
 
 def test_baselines_frame(tiny_lab):
@@ -87,6 +92,11 @@ def test_baselines_frame(tiny_lab):
     assert {"uniform", "greedy-kl", "full precision"} <= set(df["kind"])
     assert (df.loc[df["kind"] != "full precision", "effective_bits"] <= 4.5 + 1e-12).all()
     assert rx.verdict is not None and rx.verdict.mode
+    text = rx.summary().splitlines()
+    assert len(text) == len(df) and text[0].startswith("prescribed")
+    n_beaten = int(df.loc[df["kind"] != "full precision", "prescribed_beats"].sum())
+    assert f"beats {n_beaten} of {len(df) - 2} baselines" in text[0]
+    assert sum(line.lstrip().startswith("beats") for line in text[1:]) == n_beaten
 
 
 def test_bad_inputs(tiny_lab):
@@ -100,6 +110,86 @@ def test_bad_inputs(tiny_lab):
         tiny_lab.prescribe(4, candidates=(1, 4), **FAST)
     with pytest.raises(ValueError, match="objective"):
         tiny_lab.prescribe(4, objective="mse", **FAST)
+    with pytest.raises(ValueError, match=r"group_size=48 does not divide in_features=64"):
+        tiny_lab.prescribe(4, group_size=(32, 48), **FAST)
+    with pytest.raises(ValueError, match=r"group_size is empty.*\(32, 64, 128\)"):
+        tiny_lab.prescribe(4, group_size=(), **FAST)
+    with pytest.raises(ValueError, match="group_size must be a positive int or None.*got 0"):
+        tiny_lab.prescribe(4, group_size=(0, 32), **FAST)
+    with pytest.raises(
+        ValueError, match=r"budget_bits must be a number of bits per weight, got 'a lot'"
+    ):
+        tiny_lab.prescribe("a lot", **FAST)
+
+
+def test_options_over_bits_and_group_sizes(tiny_lab):
+    opts = P.options_of(("rtn",), (2, 4, 16), (32, 64))
+    assert [P.option_label(o) for o in opts] == [
+        "rtn2-g32",
+        "rtn2-g64",
+        "rtn4-g32",
+        "rtn4-g64",
+        "fp16",
+    ]
+    costs = P.layer_costs(tiny_lab, opts)
+    for o, cfg in enumerate(opts):  # each column is what footprint counts for that option
+        fp = footprint(tiny_lab.model, QuantPlan(default=cfg), include_embeddings=False)
+        assert costs[:, o].sum() == pytest.approx(fp.effective_bits * fp.params)
+    rx = tiny_lab.prescribe(3.4, candidates=(2, 3, 4), group_size=(32, 64), **FAST)
+    assert len(rx.options) == 6 and set(rx.choice) <= set(rx.options)
+    fp = footprint(tiny_lab.model, rx.plan, include_embeddings=False)
+    assert fp.effective_bits <= 3.4 + 1e-12
+
+
+def test_suffix_runs_equal_full_forwards(tiny_lab):
+    meter = P.KLMeter(tiny_lab, P.calibration_ids(tiny_lab, P.split_text()[0], 64, 32))
+    assert meter.suffix_ok
+    for layer in range(tiny_lab.n_layers):
+        cfg = QuantConfig(2, 32)
+        full = meter(QuantPlan.only_layers(cfg, [layer]))
+        assert meter.isolated(layer, cfg) == pytest.approx(full, rel=1e-4, abs=1e-7)
+
+
+def test_cached_cancellable_progress(tiny_lab, monkeypatch):
+    import threading
+
+    from qviz.cancel import Cancelled
+
+    P.clear_cache(tiny_lab)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Cancelled):
+        tiny_lab.prescribe(3.5, cancel=stop, **FAST)
+    calls, seen = [], []
+    real = P.sensitivity_table
+    monkeypatch.setattr(P, "sensitivity_table", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kw = {**FAST, "progress": lambda done, total: seen.append((done, total))}
+    a = tiny_lab.prescribe(3.5, **kw)
+    assert seen[0] == (0, 3 * 12) and seen[-1] == (3 * 12, 3 * 12) and len(seen) == 37
+    assert tiny_lab.prescribe(3.5, **kw) is a  # the same call: the cached result
+    b = tiny_lab.prescribe(4.5, **kw)  # a new budget: the cached table, no new sensitivity
+    assert len(calls) == 1 and b.sensitivity is a.sensitivity
+    assert b.forward_passes == a.forward_passes  # the search's cost, whether cached or not
+    c = tiny_lab.prescribe(4.5, cache=False, **FAST)
+    assert c.plan == b.plan and len(calls) == 2
+
+
+def test_bench_prescribe_on_tiny(tiny_lab, monkeypatch, capsys):
+    from qviz import bench
+    from qviz.bench import prescribe as BP
+
+    monkeypatch.setattr(Lab, "load", classmethod(lambda cls, name: tiny_lab))
+    for name, value in (("CALIB_TOKENS", 64), ("WINDOW", 32), ("EVAL_CHARS", 600)):
+        monkeypatch.setattr(BP, name, value)
+    out = bench.run_one("prescribe", "tiny")
+    assert out["greedy_top_k"] is None  # 3 layers: the full greedy search
+    assert out["ratio"] == pytest.approx(out["greedy_s"] / out["prescribe_s"])
+    assert out["prescribe_forward_passes"] == 1 + 1 + 3 * 12 + 1
+    assert out["greedy_forward_passes"] > 3
+    for s in out["scores"].values():
+        assert s["effective_bits"] <= BP.BUDGET + 1e-12
+    text = capsys.readouterr().out
+    assert "ratio greedy / prescribe" in text and "slider" in text
 
 
 def test_plan_of_round_trips():
@@ -115,10 +205,20 @@ def test_split_text_is_disjoint():
 
 
 def test_embedded_at_3_5_bits_beats_uniform_3bit(lab):
-    """SmolLM2-135M: within 3.5 bits/weight and a lower held-out perplexity than uniform rtn3."""
-    rx = lab.prescribe(3.5, candidates=(2, 3, 4), n_calib_tokens=128, baselines=False, check=False)
+    """SmolLM2-135M: within 3.5 bits/weight, a lower held-out perplexity than uniform rtn3-g128
+    and a lower calibration KL than uniform rtn3-g64 (the best uniform plan that fits)."""
+    rx = lab.prescribe(
+        3.5,
+        candidates=(2, 3, 4),
+        group_size=(64, 128),
+        n_calib_tokens=128,
+        baselines=False,
+        check=False,
+    )
     fp = footprint(lab.model, rx.plan, include_embeddings=False)
     assert fp.effective_bits <= 3.5 + 1e-12
-    held = P.split_text()[1][:3000]
+    held = P.split_text()[1][:4000]
     uniform3 = QuantPlan.uniform(QuantConfig(3, 128))
     assert lab.perplexity(rx.plan, text=held) < lab.perplexity(uniform3, text=held)
+    meter = P.KLMeter(lab, P.calibration_ids(lab, P.split_text()[0], 128, 128), False)
+    assert meter(rx.plan) < meter(QuantPlan.uniform(QuantConfig(3, 64)))

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from contextlib import redirect_stdout
 
 from qviz.bench.compare import bench_compare, bench_memory
+from qviz.bench.prescribe import bench_prescribe
 from qviz.bench.quant import bench_gptq, bench_methods, bench_quant, quant_figures
 from qviz.bench.sweep import bench_sweep
 from qviz.bench.trace import bench_trace, fair_per_cell
@@ -33,6 +34,7 @@ BENCHES: dict[str, Callable[[str], object]] = {
     "memory": bench_memory,
     "methods": bench_methods,
     "sweep": bench_sweep,
+    "prescribe": bench_prescribe,
     "all": bench_all,
 }
 

@@ -2,10 +2,14 @@
 
 The search, in order:
 1. Per-layer sensitivity on calibration text only (the first third of the bundled prose): for
-   each decoder layer l and each candidate config c, the mean KL divergence of the next-token
-   distribution from full precision when only layer l is quantized with c
-   (``QuantPlan.only_layers``). The calibration windows run as one batch per variant, and the
-   full-precision log-probabilities are computed once.
+   each decoder layer l and each candidate config c (candidate bits x group sizes x methods),
+   the mean KL divergence of the next-token distribution from full precision when only layer l
+   is quantized with c (``QuantPlan.only_layers``). The calibration windows run as one batch per
+   variant; the full-precision log-probabilities and every layer's input are computed once, and
+   a variant of layer l runs only layers l..L-1 from that stored input (the layers before it are
+   full precision, so their output is the stored one): about half the work of a full forward.
+   The table is cached per (model, options, calibration), so a repeated call (a budget slider)
+   re-runs only the allocation.
 2. An exact allocation: a multiple-choice knapsack over the layers, costs in stored bits
    (codes plus 16-bit scales and zeros, ``qviz.quant.memory.weight_bits``, the same numbers
    ``footprint(..., include_embeddings=False)`` sums), objective the sum of per-layer KL
@@ -18,9 +22,13 @@ The search, in order:
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import threading
-from collections.abc import Sequence
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -29,6 +37,8 @@ import torch
 
 from qviz.cancel import check_cancel
 from qviz.data import load_facts, load_text
+from qviz.models.access import hidden_in
+from qviz.probes.hooks import attached
 from qviz.quant.config import QuantConfig, QuantPlan
 from qviz.quant.memory import FP16_BITS, footprint
 from qviz.results import Prescription
@@ -39,6 +49,8 @@ if TYPE_CHECKING:
 MAX_BUDGET = 16.0
 CHECK_FACT = 0  # the bundled fact the verdict check runs on ("The capital city of France is")
 UNIFORM_GROUP_SIZES = (32, 64, 128, None)
+GROUP_SIZES = (32, 64, 128)  # the default per-layer group-size choices
+SUFFIX_TOL = 1e-4  # max |log p| gap allowed between a suffix run and a full forward
 
 
 # text ------------------------------------------------------------------------------------------
@@ -74,14 +86,61 @@ def mean_kl(ref_logp: torch.Tensor, q_logp: torch.Tensor) -> float:
     return float((ref_logp.exp() * (ref_logp - q_logp)).sum(-1).mean())
 
 
-class KLMeter:
-    """Mean KL of a plan from full precision on fixed calibration windows; counts forwards."""
+@contextmanager
+def layers_from(lab: Lab, start: int) -> Iterator[None]:
+    """Inside the block the model's decoder stack is only layers ``start``..L-1 (the ModuleList
+    swapped for a slice of the same modules, restored on exit)."""
+    path = lab.adapter.layers
+    parent_path, _, name = path.rpartition(".")
+    parent = lab.model.get_submodule(parent_path) if parent_path else lab.model
+    full = getattr(parent, name)
+    setattr(parent, name, torch.nn.ModuleList(list(full)[start:]))
+    try:
+        yield
+    finally:
+        setattr(parent, name, full)
 
-    def __init__(self, lab: Lab, ids: torch.Tensor) -> None:
+
+class KLMeter:
+    """Mean KL of a plan from full precision on fixed calibration windows; counts forwards.
+
+    ``meter(plan)``: one full forward. ``meter.isolated(layer, cfg)``: only ``layer`` quantized,
+    run from the stored full-precision input of that layer (layers ``layer``..L-1 only); checked
+    once (``suffix_checked`` passes) against the full forward, falling back to full forwards
+    where the model cannot start from a layer's input (``suffix_ok``)."""
+
+    def __init__(self, lab: Lab, ids: torch.Tensor, check_suffix: bool = True) -> None:
         self.lab, self.ids, self.forward_passes = lab, ids, 0
-        with lab.engine.quantized(QuantPlan.none()):
+        layers = lab.adapter.decoder_layers(lab.model)
+        self.inputs: list[torch.Tensor | None] = [None] * len(layers)
+
+        def keep(i):
+            def pre(mod, args, kwargs):
+                self.inputs[i] = hidden_in(args, kwargs).detach()
+
+            return pre
+
+        with lab.engine.quantized(QuantPlan.none()), attached() as h:
+            for i, layer in enumerate(layers):
+                h.pre(layer, keep(i))
             self.ref = next_token_logp(lab, ids)
         self.forward_passes += 1
+        self.suffix_checked = int(check_suffix)
+        self.suffix_ok = check_suffix and self._check_suffix()
+
+    def _check_suffix(self) -> bool:
+        mid = len(self.inputs) // 2
+        try:
+            with self.lab.engine.quantized(QuantPlan.none()):
+                logp = self._suffix_logp(mid)
+        except (TypeError, ValueError, RuntimeError, AttributeError):
+            return False
+        return bool((logp - self.ref).abs().max() <= SUFFIX_TOL)
+
+    def _suffix_logp(self, layer: int) -> torch.Tensor:
+        with layers_from(self.lab, layer), torch.no_grad():
+            logits = self.lab.model(inputs_embeds=self.inputs[layer], use_cache=False).logits
+        return torch.log_softmax(logits.float(), dim=-1)
 
     def __call__(self, plan: QuantPlan) -> float:
         with self.lab.engine.quantized(plan):
@@ -89,12 +148,38 @@ class KLMeter:
         self.forward_passes += 1
         return max(mean_kl(self.ref, q), 0.0)
 
+    def isolated(self, layer: int, cfg: QuantConfig) -> float:
+        """KL with only decoder layer ``layer`` quantized with ``cfg``."""
+        plan = QuantPlan.only_layers(cfg, [layer])
+        if not self.suffix_ok:
+            return self(plan)
+        with self.lab.engine.quantized(plan):
+            q = self._suffix_logp(layer)
+        self.forward_passes += 1
+        return max(mean_kl(self.ref, q), 0.0)
+
 
 # options and costs -----------------------------------------------------------------------------
+def group_sizes_of(group_size: int | None | Sequence[int | None]) -> list[int | None]:
+    """``group_size`` as a list: one size (an int or None = per output channel) or several."""
+    if group_size is None or isinstance(group_size, (int, np.integer)):
+        group_size = [group_size]
+    sizes = [int(g) if isinstance(g, np.integer) else g for g in dict.fromkeys(group_size)]
+    if not sizes:
+        raise ValueError(
+            f"group_size is empty ({group_size!r}); pass a size or several, e.g. "
+            f"group_size={GROUP_SIZES}"
+        )
+    return sizes
+
+
 def options_of(
-    methods: Sequence[str], candidates: Sequence[int], group_size: int | None
+    methods: Sequence[str],
+    candidates: Sequence[int],
+    group_size: int | None | Sequence[int | None] = GROUP_SIZES,
 ) -> list[QuantConfig | None]:
-    """The per-layer choices: each method at each candidate bit-width (16 = full precision)."""
+    """The per-layer choices: each method at each candidate bit-width and each group size
+    (16 = full precision, one option)."""
     if not methods:
         raise ValueError("methods is empty; pass at least one, e.g. methods=('rtn',)")
     cands = sorted(set(candidates)) if candidates is not None else []
@@ -112,7 +197,9 @@ def options_of(
             raise ValueError(
                 f"candidate bits {b!r} is not valid; candidates are ints in 2..8, or 16"
             )
-        opts += [QuantConfig(int(b), group_size, method=m) for m in methods]
+        opts += [
+            QuantConfig(int(b), g, method=m) for g in group_sizes_of(group_size) for m in methods
+        ]
     return opts
 
 
@@ -216,15 +303,23 @@ def sensitivity_table(
     meter: KLMeter,
     options: Sequence[QuantConfig | None],
     cancel: threading.Event | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> pd.DataFrame:
-    """[L, n_options] KL increase when only layer l is quantized with each option."""
+    """[L, n_options] KL increase when only layer l is quantized with each option
+    (``progress(done, total)`` after each measured variant)."""
     n = lab.n_layers
     kl = np.zeros((n, len(options)))
+    total, done = n * sum(c is not None for c in options), 0
+    if progress is not None:
+        progress(0, total)
     for layer in range(n):
         for o, cfg in enumerate(options):
             check_cancel(cancel, f"before sensitivity of layer {layer} of {n}, {option_label(cfg)}")
             if cfg is not None:
-                kl[layer, o] = meter(QuantPlan.only_layers(cfg, [layer]))
+                kl[layer, o] = meter.isolated(layer, cfg)
+                done += 1
+                if progress is not None:
+                    progress(done, total)
     frame = pd.DataFrame(kl, columns=[option_label(c) for c in options])
     frame.index.name = "layer"
     return frame
@@ -236,36 +331,53 @@ def greedy_search(
     options: Sequence[QuantConfig | None],
     budget: float,
     cancel: threading.Event | None = None,
+    top_k: int | None = None,
 ) -> list[int]:
     """The greedy one-layer-at-a-time KL search: every layer at the cheapest option, then
-    repeatedly raise the one layer whose next option buys the most measured (joint) KL per bit,
-    until no raise fits. Each tried raise is one forward pass on the calibration windows."""
+    repeatedly raise the one layer whose next option (options ordered by cost) buys the most
+    measured (joint) KL per bit, until no raise fits. Each tried raise is one forward pass on
+    the calibration windows: about L per raise.
+
+    ``top_k`` (a bound, None = the full search): after the first step, measure only the raise
+    that just became possible (the raised layer's next option) and re-measure the ``top_k``
+    others with the best gain measured so far (a lazy greedy: the rest keep their stale
+    gain), about ``top_k + 1`` forwards per raise instead of L."""
     order = [int(i) for i in np.argsort(costs.mean(0), kind="stable")]
-    rank = [0] * costs.shape[0]
-    choice = [order[0]] * costs.shape[0]
-    total = float(costs[np.arange(len(choice)), choice].sum())
+    n = costs.shape[0]
+    rank = [0] * n
+    choice = [order[0]] * n
+    total = float(costs[np.arange(n), choice].sum())
     current = meter(plan_of(choice, options))
+    stale: dict[int, float] = {}  # layer -> last measured gain of its next raise
     step = 0
     while True:
-        best = None
-        for layer in range(len(choice)):
+        fits = []
+        for layer in range(n):
             if rank[layer] + 1 >= len(order):
                 continue
             nxt = order[rank[layer] + 1]
             extra = float(costs[layer, nxt] - costs[layer, choice[layer]])
-            if total + extra > budget + 1e-9 * budget:
-                continue
+            if total + extra <= budget + 1e-9 * budget:
+                fits.append((layer, nxt, extra))
+        if not fits:
+            return choice
+        if top_k is not None and step > 0:  # new raises, then the best stale ones
+            new = [f for f in fits if f[0] not in stale]
+            old = sorted((f for f in fits if f[0] in stale), key=lambda f: -stale[f[0]])
+            fits = new + old[: max(int(top_k), 1)]
+        best = None
+        for layer, nxt, extra in fits:
             check_cancel(cancel, f"greedy step {step + 1}, layer {layer}")
             trial = choice.copy()
             trial[layer] = nxt
             val = meter(plan_of(trial, options))
             gain = (current - val) / max(extra, 1e-12)
+            stale[layer] = gain
             if best is None or gain > best[0]:
                 best = (gain, layer, nxt, val, extra)
-        if best is None:
-            return choice
         _, layer, nxt, current, extra = best
         choice[layer], rank[layer], total = nxt, rank[layer] + 1, total + extra
+        stale.pop(layer, None)  # its next raise is a new one: measure it
         step += 1
 
 
@@ -274,25 +386,27 @@ def baseline_plans(
     lab: Lab,
     methods: Sequence[str],
     candidates: Sequence[int],
-    group_size: int | None,
+    group_size: int | None | Sequence[int | None],
     budget: float,
     params: int,
 ) -> list[tuple[str, QuantPlan]]:
-    """(kind, plan) of every uniform plan (candidate bits x group sizes) and every
-    protect-first-k plan (k = 1..L-1, low/high candidates) at or under ``budget`` bits/weight;
-    protect-first keeps the largest k that fits for each (low, high) pair."""
+    """(kind, plan) of every uniform plan (candidate bits x group sizes, the given ones and
+    32, 64, 128, per channel) and every protect-first-k plan (k = 1..L-1, low/high candidate
+    bits, each given group size) at or under ``budget`` bits/weight; protect-first keeps the
+    largest k that fits for each (low, high, group size)."""
     n = lab.n_layers
     out: list[tuple[str, QuantPlan]] = []
     bits = sorted({int(b) for b in candidates if b != FP16_BITS})
-    gss = list(dict.fromkeys([group_size, *UNIFORM_GROUP_SIZES]))
+    given = group_sizes_of(group_size)
+    gss = list(dict.fromkeys([*given, *UNIFORM_GROUP_SIZES]))
     for m in methods:
         for b in bits:
             for g in gss:
                 plan = QuantPlan.uniform(QuantConfig(b, g, method=m))
                 if footprint(lab.model, plan, include_embeddings=False).effective_bits <= budget:
                     out.append(("uniform", plan))
-        for lo, hi in itertools.combinations(bits, 2):
-            cfg = QuantConfig(lo, group_size, method=m)
+        for (lo, hi), g in itertools.product(itertools.combinations(bits, 2), given):
+            cfg = QuantConfig(lo, g, method=m)
             fits = [
                 k
                 for k in range(1, n)
@@ -315,31 +429,72 @@ def held_out(lab: Lab, plan: QuantPlan, text: str, facts: list[dict], cancel) ->
     return {"perplexity": ppl, "fact_accuracy": acc}
 
 
+# the cache (a dashboard slider calls prescribe again and again) ------------------------------
+_CACHE: weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict] = weakref.WeakKeyDictionary()
+_CACHE_LOCK = threading.Lock()
+CACHE_ENTRIES = 8  # per model: sensitivity tables (with their meters) and results
+
+
+def cache_get(lab: Lab, key: tuple):
+    with _CACHE_LOCK:
+        entries = _CACHE.get(lab.model)
+        if entries is None or key not in entries:
+            return None
+        entries.move_to_end(key)
+        return entries[key]
+
+
+def cache_put(lab: Lab, key: tuple, value) -> None:
+    with _CACHE_LOCK:
+        entries = _CACHE.setdefault(lab.model, OrderedDict())
+        entries[key] = value
+        entries.move_to_end(key)
+        while len(entries) > CACHE_ENTRIES:
+            entries.popitem(last=False)
+
+
+def clear_cache(lab: Lab | None = None) -> None:
+    """Forget the cached sensitivity tables and prescriptions (of ``lab``'s model, or all)."""
+    with _CACHE_LOCK:
+        if lab is None:
+            _CACHE.clear()
+        else:
+            _CACHE.pop(lab.model, None)
+
+
 def prescribe(
     lab: Lab,
     budget_bits: float,
     methods: Sequence[str] = ("rtn",),
     candidates: Sequence[int] = (2, 3, 4, 8),
     objective: str = "kl",
-    group_size: int | None = 128,
+    group_size: int | None | Sequence[int | None] = GROUP_SIZES,
     cancel: threading.Event | None = None,
     *,
-    n_calib_tokens: int = 512,
+    progress: Callable[[int, int], None] | None = None,
+    n_calib_tokens: int = 256,
     window: int = 128,
     sensitivity: pd.DataFrame | None = None,
     baselines: bool = True,
     greedy: bool = True,
+    greedy_top_k: int | None = None,
     n_facts: int = 100,
     eval_chars: int | None = None,
     check: bool = True,
+    cache: bool = True,
 ) -> Prescription:
     """The cheapest-KL per-layer plan under ``budget_bits`` (see the module docstring).
 
-    ``sensitivity``: a table from an earlier Prescription with the same options, reused (no
-    sensitivity passes). ``baselines``: score the plan and the baselines on held-out text and
-    ``n_facts`` evenly spaced bundled facts (``eval_chars``: only that much held-out prose);
-    ``greedy``: include the greedy KL search (about
-    L forward passes per raise). ``check``: run the verdict on a bundled fact prompt.
+    ``group_size``: one size or several (default 32, 64 and 128: each layer picks bits and
+    group size). ``sensitivity``: a table from an earlier Prescription with the same options,
+    reused (no sensitivity passes). ``baselines``: score the plan and the baselines on held-out
+    text and ``n_facts`` evenly spaced bundled facts (``eval_chars``: only that much held-out
+    prose); ``greedy``: include the greedy KL search (about L forward passes per raise;
+    ``greedy_top_k`` bounds it to that many per raise). ``check``: run the verdict on a bundled
+    fact prompt. ``progress(done, total)``: after each sensitivity variant. ``cache``: keep the
+    sensitivity table per (model, options, calibration) and the result per arguments, so a
+    repeated call returns at once and a call with another budget runs only the allocation, the
+    plan's own KL, the check and the baselines asked for.
     """
     if objective != "kl":
         raise ValueError(f"objective={objective!r} is not known; the only objective is 'kl'")
@@ -353,18 +508,51 @@ def prescribe(
     labels = [option_label(c) for c in options]
     calib_text, eval_text = split_text()
     eval_text = eval_text[:eval_chars] if eval_chars else eval_text
-    meter = KLMeter(lab, calibration_ids(lab, calib_text, n_calib_tokens, window))
+    calib_key = (
+        "sensitivity",
+        tuple(labels),
+        int(n_calib_tokens),
+        int(window),
+        hashlib.sha1(calib_text.encode()).hexdigest(),
+    )
+    given = None if sensitivity is None else hashlib.sha1(sensitivity.to_numpy().tobytes())
+    result_key = (
+        "result",
+        calib_key,
+        budget,
+        bool(baselines),
+        bool(greedy),
+        greedy_top_k,
+        int(n_facts),
+        eval_chars,
+        bool(check),
+        None if given is None else given.hexdigest(),
+    )
+    if cache and (hit := cache_get(lab, result_key)) is not None:
+        return hit
+    stored = cache_get(lab, calib_key) if cache else None
+    if stored is not None:
+        meter, table = stored
+    else:
+        meter = KLMeter(lab, calibration_ids(lab, calib_text, n_calib_tokens, window))
+        table = None
     if sensitivity is None:
-        sensitivity = sensitivity_table(lab, meter, options, cancel)
+        if table is None:
+            table = sensitivity_table(lab, meter, options, cancel, progress)
+        sensitivity = table
     elif list(sensitivity.columns) != labels or len(sensitivity) != lab.n_layers:
         raise ValueError(
             f"sensitivity has columns {list(sensitivity.columns)} and {len(sensitivity)} rows; "
             f"these options need columns {labels} and {lab.n_layers} rows"
         )
+    if cache and table is not None:
+        cache_put(lab, calib_key, (meter, table))
     choice, predicted = allocate(costs, sensitivity.to_numpy(), budget * params)
     plan = plan_of(choice, options)
     plan_kl = meter(plan)
-    passes = meter.forward_passes
+    # the search's passes, cached or not: reference (+ the suffix check), sensitivity, the plan
+    n_sens = 0 if table is None else sum(c is not None for c in options) * lab.n_layers
+    passes = 2 + meter.suffix_checked + n_sens
     verdict = None
     if check:
         fact = load_facts()[CHECK_FACT]
@@ -381,9 +569,10 @@ def prescribe(
             for k, p in baseline_plans(lab, methods, candidates, group_size, budget, params)
         ]
         if greedy:
-            gm = KLMeter(lab, meter.ids)
-            g_choice = greedy_search(gm, costs, options, budget * params, cancel)
-            plans.append(("greedy-kl", plan_of(g_choice, options), gm.forward_passes))
+            gm = KLMeter(lab, meter.ids, check_suffix=False)
+            g_choice = greedy_search(gm, costs, options, budget * params, cancel, greedy_top_k)
+            kind = "greedy-kl" if greedy_top_k is None else f"greedy-kl-top{greedy_top_k}"
+            plans.append((kind, plan_of(g_choice, options), gm.forward_passes))
         for kind, p, fwd in plans:
             check_cancel(cancel, f"before scoring {p.label}")
             rows.append(
@@ -398,7 +587,7 @@ def prescribe(
                     "forward_passes": fwd,
                 }
             )
-    return Prescription(
+    out = Prescription(
         plan=plan,
         budget_bits=budget,
         options=labels,
@@ -412,3 +601,6 @@ def prescribe(
         verdict=verdict,
         baselines=pd.DataFrame(rows),
     )
+    if cache:
+        cache_put(lab, result_key, out)
+    return out
