@@ -412,6 +412,15 @@ class Lab:
         return memory_table(self, plans, n_facts=n_facts, cancel=cancel)
 
     # prescription -------------------------------------------------------------------------------
+    def uniform_within(
+        self, budget: float, method: str = "rtn", group_sizes=(128,)
+    ) -> tuple[QuantPlan, float] | None:
+        """(plan, decoder bits/weight): the uniform plan with the most bits per weight within
+        ``budget`` (the one a prescription is shown beside); None when none fits."""
+        from qviz.studies.prescribe import uniform_within
+
+        return uniform_within(self, budget, method=method, group_sizes=group_sizes)
+
     def prescribe(self, budget_bits: float, **kw) -> Prescription:
         """Prescription: the least-KL per-layer plan within ``budget_bits`` decoder bits/weight.
         Keywords: methods=("rtn",), candidates=(2, 3, 4, 8), objective="kl",

@@ -222,3 +222,23 @@ def test_embedded_at_3_5_bits_beats_uniform_3bit(lab):
     assert lab.perplexity(rx.plan, text=held) < lab.perplexity(uniform3, text=held)
     meter = P.KLMeter(lab, P.calibration_ids(lab, P.split_text()[0], 128, 128), False)
     assert meter(rx.plan) < meter(QuantPlan.uniform(QuantConfig(3, 64)))
+
+
+@pytest.mark.parametrize("budget", [2.3, 3.5, 5.0, 9.0])
+def test_uniform_within_is_the_richest_uniform_plan_that_fits(tiny_lab, budget):
+    """Against every uniform plan counted independently: the one returned fits and no other
+    that fits has more bits per weight."""
+    groups = (16, 32, 64, None)
+    got = tiny_lab.uniform_within(budget, group_sizes=groups)
+    fits = []
+    for bits, g in itertools.product(range(2, 9), groups):
+        plan = QuantPlan.uniform(QuantConfig(bits, g))
+        eff = footprint(tiny_lab.model, plan, include_embeddings=False).effective_bits
+        if eff <= budget:
+            fits.append(float(eff))
+    if not fits:
+        assert got is None
+    else:
+        plan, eff = got
+        assert eff == pytest.approx(max(fits)) and eff <= budget
+        assert footprint(tiny_lab.model, plan, include_embeddings=False).effective_bits == eff

@@ -422,6 +422,26 @@ def baseline_plans(
     return out
 
 
+def uniform_within(
+    lab: Lab, budget: float, method: str = "rtn", group_sizes: Sequence[int | None] = (128,)
+) -> tuple[QuantPlan, float] | None:
+    """(plan, decoder bits/weight) of the uniform plan of ``method`` (bits 2..8, any of
+    ``group_sizes`` it can use) with the most bits per weight within ``budget``, as the footprint
+    counts decoder Linears (scales included); None when none fits."""
+    best = None
+    for bits in range(2, 9):
+        for group in dict.fromkeys(group_sizes):
+            try:
+                plan = QuantPlan.uniform(QuantConfig(bits, group, method=method))
+                lab.check(plan)
+            except ValueError:  # a group size the method or the model cannot use
+                continue
+            eff = float(footprint(lab.model, plan, include_embeddings=False).effective_bits)
+            if eff <= budget + 1e-9 and (best is None or eff > best[1]):
+                best = (plan, eff)
+    return best
+
+
 def held_out(lab: Lab, plan: QuantPlan, text: str, facts: list[dict], cancel) -> dict:
     """Perplexity of the held-out text and accuracy on ``facts`` under ``plan``."""
     ppl = lab.perplexity(plan, text=text, cancel=cancel)

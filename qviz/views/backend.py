@@ -175,20 +175,10 @@ class Backend:
         """(plan, decoder bits/weight) of the uniform plan of ``method`` with the most bits
         per weight within ``budget`` (bits 2..8, the dashboard's group sizes; the footprint
         counts decoder Linears as prescribe does); None when none fits."""
-        from qviz.quant.memory import footprint
 
         def compute():
-            best = None
-            for bits in range(2, 9):
-                for group in dict.fromkeys([group_size, 32, 64, 128, None]):
-                    try:
-                        plan = QuantPlan.uniform(QuantConfig(bits, group, method=method))
-                    except ValueError:  # a group size the method cannot use
-                        continue
-                    eff = footprint(self.lab.model, plan, include_embeddings=False).effective_bits
-                    if eff <= budget + 1e-9 and (best is None or eff > best[1]):
-                        best = (plan, float(eff))
-            return best
+            groups = [group_size, 32, 64, 128, None]
+            return self.lab.uniform_within(budget, method=method, group_sizes=groups)
 
         return self._cached(("uniform", float(budget), method, group_size), compute)
 
