@@ -78,15 +78,13 @@ def sweep_heatmaps(frame: pd.DataFrame, plan: str | None = None, size: int = 260
 
 
 def pareto_front(mib: list[float], quality: list[float], higher_is_better: bool) -> list[int]:
-    """Indices of the cells no other cell beats on both memory (less) and quality, by memory."""
-    sign = 1.0 if higher_is_better else -1.0
-    order = sorted(range(len(mib)), key=lambda i: (mib[i], -sign * quality[i]))
-    front, best = [], -float("inf")
-    for i in order:
-        if sign * quality[i] > best:
-            front.append(i)
-            best = sign * quality[i]
-    return front
+    """Indices of the cells no other cell beats on both memory (less) and quality, by memory
+    (``qviz.studies.frontier.pareto_mask``, the one Pareto rule)."""
+    from qviz.studies.frontier import pareto_mask
+
+    sign = -1.0 if higher_is_better else 1.0
+    on = pareto_mask(mib, [sign * q for q in quality])
+    return sorted((i for i in range(len(mib)) if on[i]), key=lambda i: (mib[i], sign * quality[i]))
 
 
 def sweep_pareto(frame: pd.DataFrame, quality: str = "perplexity", height: int = 300,
