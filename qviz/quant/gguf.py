@@ -134,6 +134,19 @@ class GGUF(Method):
                     f"use QuantConfig({NOMINAL_BITS[t]}, method='gguf', type={t!r})"
                 )
 
+    def parse_spec(self, arg: str) -> dict:
+        """``gguf:Q4_K`` -> {"type": "Q4_K"} (an unknown type names the choices)."""
+        return {"type": self.check_setting("type", arg)}
+
+    def spec_config(self, bits: int, group_size, settings: dict) -> QuantConfig:
+        """``gguf:TYPE``: that type at its nominal bits; plain ``gguf``: the k-quant of ``bits``
+        (the type fixes its blocks, so the group size is not used)."""
+        if "type" in settings:
+            return gguf_config(settings["type"])
+        cfg = QuantConfig(bits, None, method="gguf", **settings)
+        self.check_plan([cfg])
+        return cfg
+
     def storage(self, cfg: QuantConfig, in_features: int) -> tuple[str, float]:
         """(the GGUF type a Linear of ``in_features`` inputs gets, its bits per weight)."""
         t = storage_type(type_of(cfg), in_features)
