@@ -139,3 +139,19 @@ def test_smollm2_widths_get_llama_cpp_types(embedded):
     down = df.index.str.endswith("down_proj")
     n_down, n = df.params[down].sum(), df.params.sum()
     assert fp.effective_bits == pytest.approx((4.5 * n_down + 5.5 * (n - n_down)) / n)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q2_K"])
+def test_an_importance_matrix_lowers_the_activation_weighted_error(qtype):
+    """Inputs of very unequal energy (as a Linear's activations are): with the per-column mean
+    of squared activations as importance, the output error sum_j a_j (w_j - q_j)^2 falls."""
+    gen = np.random.default_rng(3)
+    w = (gen.standard_normal((64, 512)) * 0.02).astype(np.float32)
+    act2 = np.exp(gen.standard_normal(512) * 1.5).astype(np.float32)  # mean x^2 per column
+    qw = np.broadcast_to(act2, w.shape).reshape(-1, 256)
+    plain = g.decode(ENCODERS[qtype](w.reshape(-1, 256)).reshape(64, -1), qtype)
+    weighted = g.decode(ENCODERS[qtype](w.reshape(-1, 256), qw).reshape(64, -1), qtype)
+    err = {k: float(((v - w) ** 2 * act2).sum()) for k, v in (("plain", plain), ("im", weighted))}
+    assert err["im"] < err["plain"], err
+    # and it is a trade: the unweighted error is no better than without the matrix
+    assert ((weighted - w) ** 2).sum() >= 0.95 * ((plain - w) ** 2).sum()
