@@ -340,6 +340,38 @@ def others(
     return out
 
 
+def importance_matrix(
+    model: nn.Module, adapter: Adapter, calib_ids: torch.Tensor, batch: int = 8
+) -> dict[str, torch.Tensor]:
+    """llama.cpp's imatrix: {decoder Linear name: [in] mean of its squared input activations}
+    over the calibration windows ``calib_ids`` [n_seq, seq_len], on ``model`` as it is (call it
+    on full-precision weights)."""
+    from qviz.models.access import hidden_in
+
+    sums: dict[str, list] = {}
+    handles = []
+    for i, layer in enumerate(adapter.decoder_layers(model)):
+        for rel in adapter.linears:
+            name = f"{adapter.layers}.{i}.{rel}"
+
+            def hook(_mod, args, name=name):
+                x = hidden_in(args, {}).detach().float()
+                x = x.reshape(-1, x.shape[-1])
+                acc = sums.setdefault(name, [torch.zeros(x.shape[-1], dtype=torch.float64), 0])
+                acc[0] += (x * x).sum(0).double().cpu()
+                acc[1] += x.shape[0]
+
+            handles.append(layer.get_submodule(rel).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            for start in range(0, calib_ids.shape[0], batch):
+                model(calib_ids[start : start + batch], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: (s / n).float() for name, (s, n) in sums.items()}
+
+
 def _out_in(mod: nn.Module) -> torch.Tensor:
     w = mod.weight.data
     return w.t() if weight_layout(mod) == "in_out" else w
