@@ -101,4 +101,5 @@ def test_diagnose_puts_methods_side_by_side(lab):
     assert by["rtn2-g128"]["verdict"] == "computation collapse"
     assert by["rtn2-g128"]["cka_diag"] < by["rtn8-g128"]["cka_diag"]
     assert by["gguf8-ch-Q8_0"]["bits/weight"] == 8.5  # 34 bytes per block of 32
-    assert by["rtn8-g128"]["bits/weight"] == 8.25  # 8 + two 16-bit numbers per 128
+    # 8 + two 16-bit numbers per group of 128 (576-wide rows: a ragged fifth group)
+    assert 8.25 < by["rtn8-g128"]["bits/weight"] < 8.3
