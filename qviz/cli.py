@@ -33,50 +33,86 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_diagnose(args: argparse.Namespace) -> int:
-    """Per bit-width: top-1 next token, target probability and rank, weight memory."""
-    import torch
+def _method(text: str) -> str:
+    """argparse type of ``--method``: a spelling ``QuantConfig.from_spec`` knows (gguf:Q4_K)."""
+    from qviz.quant.methods import parse_method
 
-    from qviz.models import load_model
-    from qviz.quant import QuantConfig, QuantPlan, footprint, quantized
+    try:
+        parse_method(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+    return text
 
-    model, tok = load_model(args.model)
-    ids = tok(args.prompt, return_tensors="pt").input_ids.to(model.device)
-    target_ids = tok(args.target, add_special_tokens=False).input_ids
-    if len(target_ids) != 1:
-        print(
-            f"error: target {args.target!r} is {len(target_ids)} tokens "
-            f"{[tok.decode([t]) for t in target_ids]}; give a single-token target",
-            file=sys.stderr,
-        )
-        return 2
+
+def diagnose_rows(lab, methods, bits, group_size, prompt, target, ppl_text=None) -> list[dict]:
+    """One row per (method, bit-width) plan, full precision first: verdict, CKA diagonal (the
+    dashboard's pooled context), answer rank and probability, bits/weight of the decoder
+    Linears, MiB of every weight matrix (and perplexity of ``ppl_text`` when given)."""
+    from qviz.quant import QuantPlan, footprint
+    from qviz.report import report_plans
+    from qviz.views.backend import CKA_CONTEXT
+
     rows = []
-    plans = [("fp", QuantPlan.none())] + [
-        (str(b), QuantPlan.uniform(QuantConfig(b, args.group_size, method=args.method)))
-        for b in args.bits
-    ]
-    for label, plan in plans:
-        with quantized(model, plan), torch.no_grad():
-            probs = model(ids).logits[0, -1].float().softmax(-1)
-        p = probs[target_ids[0]].item()
-        rows.append(
-            {
-                "bits": label,
-                "top1": tok.decode([int(probs.argmax())]),
-                "p_target": round(p, 4),
-                "rank": int((probs > probs[target_ids[0]]).sum()) + 1,
-                "MiB": round(footprint(model, plan).bytes / 2**20, 1),
-                "bits/weight": round(footprint(model, plan).effective_bits, 3),
-            }
+    plans = {("-", 16): QuantPlan.none(), **report_plans(methods, bits, group_size)}
+    for (method, b), plan in plans.items():
+        ev = {}
+        if not plan.is_full_precision:
+            cmp = lab.compare(prompt, target=target, plan=plan, cka_context=CKA_CONTEXT)
+            ev = {**cmp.verdict.evidence, "verdict": cmp.verdict.mode}
+            rows[0].update(rank=ev.get("ref_rank"), p_target=ev.get("p_reference"))
+        row = {
+            "method": method,
+            "bits": b,
+            "plan": plan.label,
+            "verdict": ev.get("verdict", "reference"),
+            "cka_diag": round(ev.get("cka_diag_mean", 1.0), 3),
+            "rank": ev.get("quant_rank"),
+            "p_target": ev.get("p_quantized"),
+            "bits/weight": round(footprint(lab.model, plan, False).effective_bits, 3),
+            "MiB": round(footprint(lab.model, plan).bytes / 2**20, 1),
+        }
+        if ppl_text is not None:
+            row["perplexity"] = round(lab.perplexity(plan, text=ppl_text), 2)
+        rows.append(row)
+    return rows
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    """Per method and bit-width: verdict, CKA diagonal, answer rank, bits/weight, memory."""
+    from qviz.lab import Lab
+
+    lab = Lab.load(args.model)
+    try:
+        rows = diagnose_rows(
+            lab,
+            args.method or ["rtn"],
+            args.bits,
+            args.group_size or None,
+            args.prompt,
+            args.target,
+            ppl_text=_held_out_text(args.perplexity),
         )
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.json:
-        print(json.dumps(rows, indent=1))
+        print(json.dumps(rows, indent=1, default=str))
     else:
         import pandas as pd
 
         print(f"prompt {args.prompt!r}  target {args.target!r}  model {args.model}")
         print(pd.DataFrame(rows).to_string(index=False))
     return 0
+
+
+def _held_out_text(chars: int) -> str | None:
+    """The last ``chars`` characters of the bundled prose (None for 0): text that GGUF's
+    importance matrix never sees (it reads the first third)."""
+    if not chars:
+        return None
+    from qviz.data import load_text
+
+    return load_text()[-chars:]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -110,6 +146,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             group_size=args.group_size or None,
             n_facts=args.facts,
             trace=args.trace,
+            methods=args.method or ["rtn"],
         )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -119,7 +156,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(f"wrote {out} ({len(text) / 2**20:.1f} MiB)")
     if args.png:
         try:
-            paths = export_pngs(out, Path(args.png), args.bits)
+            paths = export_pngs(out, Path(args.png), args.bits, args.method or ["rtn"])
         except RuntimeError as err:
             print(f"error: {err}", file=sys.stderr)
             return 3
@@ -266,6 +303,12 @@ def method_names() -> list[str]:
     return list(METHODS)
 
 
+METHOD_HELP = (
+    "repeatable, side by side: rtn (default), gptq, hqq, gguf (the k-quant of each bit-width) "
+    "or gguf:TYPE (e.g. gguf:Q4_K, fixes the bits)"
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qviz", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -279,10 +322,14 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("diagnose", help="per bit-width: top-1 answer, target probability, memory")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--bits", type=_bits, default=[2, 3, 4, 8])
-    p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--method", choices=method_names(), default="rtn")
+    p.add_argument("--group-size", type=int, default=128, help="0 = per output channel")
+    p.add_argument("--method", action="append", type=_method, help=METHOD_HELP)
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--target", default=" Paris")
+    p.add_argument(
+        "--perplexity", type=int, default=0, metavar="CHARS", help="also perplexity of the "
+        "last CHARS characters of the bundled prose (0 = skip)"
+    )  # fmt: skip
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_diagnose)
     p = sub.add_parser("serve", help="the dashboard in the browser (Panel server)")
@@ -318,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", default=" Paris")
     p.add_argument("--facts", type=int, default=60, help="facts per accuracy point (0 = skip)")
     p.add_argument("--trace", action="store_true", help="include causal tracing (slow)")
+    p.add_argument("--method", action="append", type=_method, help=METHOD_HELP)
     p.add_argument("-o", "--output", default="report.html")
     p.add_argument("--png", metavar="DIR", help="also export PNG screenshots (needs chromium)")
     p.set_defaults(func=cmd_report)

@@ -15,6 +15,7 @@ PAGE_WIDTH = 1240  # px of content; the page fits a 1,300 px window
 
 # the verdict table's columns: (heading, evidence key or row field)
 COLUMNS = [
+    ("method", "method"),
     ("bits", "bits"),
     ("plan", "plan"),
     ("verdict", "verdict"),
@@ -34,8 +35,8 @@ def _ordinal(n: int) -> str:
     return f"{n:,}{suffix}"
 
 
-def sentence(bits: int, cmp, row: dict) -> str:
-    """One sentence on ``cmp`` (a Comparison at ``bits``) for a reader of the report."""
+def sentence(bits: int | str, cmp, row: dict) -> str:
+    """One sentence on ``cmp`` (a Comparison at ``bits``, e.g. 4 or "gguf 4") for a reader."""
     from qviz.views.text import fmt
 
     ev = cmp.verdict.evidence
@@ -62,12 +63,14 @@ def sentence(bits: int, cmp, row: dict) -> str:
 
 
 def verdict_rows(comparisons: dict, memory: dict, fp_row: dict) -> list[dict]:
-    """The table's rows: full precision first, then one per bit-width (values unformatted)."""
+    """The table's rows: full precision first, then one per (method, bit-width) key of
+    ``comparisons`` (a key is a bit-width, or (method spelling, bit-width)); values unformatted."""
     first = next(iter(comparisons.values()), None)
     ref_rank = first.verdict.evidence.get("ref_rank") if first is not None else None
     rows = [
         {
             **fp_row,
+            "method": "-",
             "bits": 16,
             "plan": "full precision (fp16)",
             "verdict": "reference",
@@ -77,10 +80,33 @@ def verdict_rows(comparisons: dict, memory: dict, fp_row: dict) -> list[dict]:
             "isolation_broken_layers": 0,
         }
     ]
-    for b, cmp in comparisons.items():
-        rows.append({**cmp.verdict.evidence, **memory[b], "bits": b, "plan": cmp.plan_label,
-                     "verdict": cmp.verdict.mode})  # fmt: skip
+    for key, cmp in comparisons.items():
+        method, b = key if isinstance(key, tuple) else ("rtn", key)
+        rows.append({**cmp.verdict.evidence, **memory[key], "method": method, "bits": b,
+                     "plan": cmp.plan_label, "verdict": cmp.verdict.mode})  # fmt: skip
     return rows
+
+
+def report_plans(methods: Sequence[str], bits: Sequence[int], group_size: int | None) -> dict:
+    """{(method spelling, bits): QuantPlan} of every method at every bit-width, in order; a
+    spelling that fixes its bits (``gguf:Q4_K``) gives one plan. Raises ValueError naming a bad
+    spelling and the choices (``QuantConfig.from_spec``)."""
+    from qviz.quant.config import QuantConfig, QuantPlan
+
+    plans: dict = {}
+    for spec in methods:
+        for b in bits:
+            cfg = QuantConfig.from_spec(spec, int(b), group_size)
+            if all(p.default != cfg for p in plans.values()):
+                plans[(spec, cfg.bits)] = QuantPlan.uniform(cfg)
+    return plans
+
+
+def section_class(key: tuple[str, int]) -> str:
+    """The CSS class of a report section: ``qviz-bits-4`` for rtn, ``qviz-gguf-q4-k-bits-4``."""
+    spec, b = key
+    slug = "".join(c if c.isalnum() else "-" for c in spec.lower())
+    return f"qviz-bits-{b}" if spec == "rtn" else f"qviz-{slug}-bits-{b}"
 
 
 def table_html(rows: list[dict], n_facts: int) -> str:
@@ -130,26 +156,28 @@ def build_report(
     group_size: int | None = 128,
     n_facts: int = 60,
     trace: bool = False,
+    methods: Sequence[str] = ("rtn",),
 ) -> str:
     """A standalone HTML page (bokeh and CSS inline): verdict table, a sentence per bit-width,
-    the memory/accuracy trade-off and every view per bit-width."""
+    the memory/accuracy trade-off and every view per bit-width; one section per method and
+    bit-width when ``methods`` (CLI spellings: "rtn", "hqq", "gptq", "gguf", "gguf:Q4_K")
+    names several, side by side in the table."""
     from bokeh.embed import file_html
     from bokeh.layouts import column, row
     from bokeh.models import Div
     from bokeh.resources import INLINE
 
-    from qviz.quant.config import QuantConfig, QuantPlan
+    from qviz.quant.config import QuantPlan
     from qviz.views import plots, text
     from qviz.views.backend import CKA_CONTEXT
     from qviz.views.components import arrange
 
-    cfgs = {int(b): QuantConfig(bits=int(b), group_size=group_size) for b in bits}
-    plans = {b: QuantPlan.uniform(cfg) for b, cfg in cfgs.items()}
+    plans = report_plans(methods, bits, group_size)
     table = lab.memory_table([QuantPlan.none(), *plans.values()], n_facts=n_facts)
     fp_row, memory = table.rows[0], dict(zip(plans, table.rows[1:], strict=True))
     comparisons, sections = {}, []
-    for b, plan in plans.items():
-        cmp = comparisons[b] = lab.compare(
+    for key, plan in plans.items():
+        cmp = comparisons[key] = lab.compare(
             prompt, target=target, plan=plan, cka_context=CKA_CONTEXT
         )
         layer = len(cmp.ffn.flip_rate) // 2
@@ -168,11 +196,13 @@ def build_report(
         card = text.verdict_html(cmp.verdict, cmp.plan_label, text.layer_summary(cmp, layer))
         items = {k: v.root for k, v in views.items()}
         items["verdict"] = Div(text=card, width=330)
-        title = Div(text=f"<h2>{b}-bit ({html.escape(cmp.plan_label)})</h2>")
+        title = Div(text=f"<h2>{_name(key)}-bit ({html.escape(cmp.plan_label)})</h2>")
         body = arrange(items, row, column)
-        sections.append(column(title, body, css_classes=[f"qviz-bits-{b}"]))
+        sections.append(column(title, body, css_classes=[section_class(key)]))
     rows = verdict_rows(comparisons, memory, fp_row)
-    sentences = "".join(f"<li>{sentence(b, cmp, memory[b])}</li>" for b, cmp in comparisons.items())
+    sentences = "".join(
+        f"<li>{sentence(_name(k), cmp, memory[k])}</li>" for k, cmp in comparisons.items()
+    )
     head = Div(
         text=(
             f"{STYLE}<h1>qviz report: {html.escape(str(lab.name))}</h1>"
@@ -183,13 +213,22 @@ def build_report(
         width=PAGE_WIDTH,
         css_classes=["qviz-summary"],
     )
-    pareto = plots.pareto_plot([{**memory[b], "label": f"{b}-bit"} for b in plans])
+    pareto = plots.pareto_plot([{**memory[k], "label": f"{_name(k)}-bit"} for k in plans])
     summary = column(head, pareto.root, css_classes=["qviz-summary-block"])
     return file_html(column(summary, *sections), INLINE, title=f"qviz report: {lab.name}")
 
 
-def export_pngs(report: Path, out_dir: Path, bits: Sequence[int]) -> list[Path]:
-    """Screenshots of the report (whole page and one per bit-width) through Playwright+chromium.
+def _name(key: tuple[str, int]) -> str:
+    """How a section is named: "4" for rtn at 4 bits, "gguf:Q4_K 4" otherwise."""
+    spec, b = key
+    return str(b) if spec == "rtn" else f"{html.escape(spec)} {b}"
+
+
+def export_pngs(
+    report: Path, out_dir: Path, bits: Sequence[int], methods: Sequence[str] = ("rtn",)
+) -> list[Path]:
+    """Screenshots of the report (whole page and one per method and bit-width) through
+    Playwright + chromium (rtn: ``bits4.png``; others ``gguf-q4-k-bits4.png``).
 
     Raises RuntimeError with what to install when Playwright or a chromium is missing.
     """
@@ -221,9 +260,10 @@ def export_pngs(report: Path, out_dir: Path, bits: Sequence[int]) -> list[Path]:
             path = out_dir / "report.png"
             page.screenshot(path=str(path), full_page=True)
             paths.append(path)
-            for b in bits:
-                path = out_dir / f"bits{int(b)}.png"
-                page.locator(f".qviz-bits-{int(b)}").first.screenshot(path=str(path))
+            for key in report_plans(methods, bits, 128):
+                cls = section_class(key)
+                path = out_dir / f"{cls.removeprefix('qviz-').replace('bits-', 'bits')}.png"
+                page.locator(f".{cls}").first.screenshot(path=str(path))
                 paths.append(path)
         finally:
             browser.close()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from qviz.cli import DEFAULT_PROMPT as DEFAULT
 from qviz.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,3 +64,42 @@ def test_prescribe_refuses_a_budget_above_16_before_loading():
     out = run_cli("prescribe", "--budget", "17")
     assert out.returncode == 2 and "above 16 bits per weight" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["diagnose", "--method", "foo"], "method must be one of ('rtn', 'gptq', 'hqq', 'gguf')"),
+        (["report", "--method", "gguf:Q7"], "unknown GGUF type 'Q7'; choices: Q8_0"),
+        (["diagnose", "--method", "hqq:Q4_K"], "method 'hqq' takes no ':' argument"),
+    ],
+)
+def test_a_bad_method_spelling_is_refused_before_loading(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.model
+def test_diagnose_puts_methods_side_by_side(lab):
+    from qviz.cli import diagnose_rows
+
+    rows = diagnose_rows(lab, ["rtn", "gguf:Q8_0", "gguf"], [8, 2], 128, DEFAULT, " Paris")
+    got = [(r["method"], r["bits"], r["plan"]) for r in rows]
+    assert got == [
+        ("-", 16, "fp"),
+        ("rtn", 8, "rtn8-g128"),
+        ("rtn", 2, "rtn2-g128"),
+        ("gguf:Q8_0", 8, "gguf8-ch-Q8_0"),  # the type fixes the bits: one row
+        ("gguf", 8, "gguf8-ch"),  # Q8_0 too, spelled by bits
+        ("gguf", 2, "gguf2-ch"),  # Q2_K (IQ4_NL on SmolLM2's 576-wide Linears)
+    ]
+    by = {r["plan"]: r for r in rows}
+    assert by["fp"]["verdict"] == "reference" and by["fp"]["rank"] == 1
+    assert by["rtn8-g128"]["verdict"] == "healthy" and by["rtn8-g128"]["cka_diag"] > 0.99
+    assert by["rtn2-g128"]["verdict"] == "computation collapse"
+    assert by["rtn2-g128"]["cka_diag"] < by["rtn8-g128"]["cka_diag"]
+    assert by["gguf8-ch-Q8_0"]["bits/weight"] == 8.5  # 34 bytes per block of 32
+    # 8 + two 16-bit numbers per group of 128 (576-wide rows: a ragged fifth group)
+    assert 8.25 < by["rtn8-g128"]["bits/weight"] < 8.3

@@ -78,6 +78,17 @@ class QuantConfig:
             raise AttributeError(err.args[0]) from None
 
     @classmethod
+    def from_spec(cls, spec: str, bits: int, group_size: int | None = 128) -> QuantConfig:
+        """The config of a method's CLI / dashboard spelling at ``bits``: ``"rtn"``, ``"hqq"``,
+        ``"gptq"``, ``"gguf"`` (the k-quant of ``bits``) or ``"gguf:Q4_K"`` (the type fixes
+        the bits and blocks: ``bits`` and ``group_size`` are not used). Errors name the bad
+        value and the choices (``qviz.quant.methods.parse_method``)."""
+        from qviz.quant.methods import parse_method
+
+        name, settings = parse_method(spec)
+        return METHODS[name].spec_config(bits, group_size, settings)
+
+    @classmethod
     def gguf(cls, qtype: str) -> QuantConfig:
         """``QuantConfig.gguf("Q4_K")``: llama.cpp's GGUF type at its nominal bits."""
         from qviz.quant.gguf import gguf_config

@@ -68,8 +68,14 @@ def storage_type(qtype: str, in_features: int) -> str:
     return fallback if in_features % block_size(fallback) == 0 else "F16"
 
 
-def encode(w: np.ndarray, qtype: str) -> np.ndarray:
-    """float32 rows [rows, n] (n a multiple of the block) -> GGUF bytes [rows, bytes per row]."""
+IMATRIX_TYPES = ("Q5_K", "Q4_K", "Q2_K")  # encoders here that weight their error by one
+
+
+def encode(w: np.ndarray, qtype: str, importance: np.ndarray | None = None) -> np.ndarray:
+    """float32 rows [rows, n] (n a multiple of the block) -> GGUF bytes [rows, bytes per row].
+
+    ``importance`` [n]: llama.cpp's imatrix for these rows' input columns (mean squared
+    activation), used by the types of ``IMATRIX_TYPES``, ignored by the others."""
     from gguf.constants import GGMLQuantizationType
     from gguf.quants import quantize
 
@@ -79,7 +85,11 @@ def encode(w: np.ndarray, qtype: str) -> np.ndarray:
     if qtype not in ENCODERS:
         return quantize(w, GGMLQuantizationType[qtype])
     rows, n = w.shape
-    return ENCODERS[qtype](w.reshape(-1, block_size(qtype))).reshape(rows, -1)
+    blocks = w.reshape(-1, block_size(qtype))
+    if importance is None or qtype not in IMATRIX_TYPES:
+        return ENCODERS[qtype](blocks).reshape(rows, -1)
+    qw = np.broadcast_to(np.asarray(importance, np.float32), w.shape).reshape(blocks.shape)
+    return ENCODERS[qtype](blocks, qw).reshape(rows, -1)
 
 
 def decode(data: np.ndarray, qtype: str) -> np.ndarray:
@@ -90,13 +100,17 @@ def decode(data: np.ndarray, qtype: str) -> np.ndarray:
     return dequantize(data, GGMLQuantizationType[qtype])
 
 
-def gguf_quantize(w: torch.Tensor, qtype: str) -> torch.Tensor:
-    """w [out, in] -> dequantized [out, in] in ``qtype`` (or its fallback for this width)."""
+def gguf_quantize(
+    w: torch.Tensor, qtype: str, importance: torch.Tensor | None = None
+) -> torch.Tensor:
+    """w [out, in] -> dequantized [out, in] in ``qtype`` (or its fallback for this width);
+    ``importance`` [in]: the imatrix of w's input columns (see :func:`encode`)."""
     t = storage_type(qtype, w.shape[1])
     if t == "F16":
         return w.detach().to(torch.float16).to(w.dtype)
     x = w.detach().float().cpu().numpy()
-    out = torch.from_numpy(np.ascontiguousarray(decode(encode(x, t), t)))
+    im = None if importance is None else importance.detach().float().cpu().numpy()
+    out = torch.from_numpy(np.ascontiguousarray(decode(encode(x, t, im), t)))
     return out.to(device=w.device, dtype=w.dtype)
 
 
@@ -133,6 +147,19 @@ class GGUF(Method):
                     f"GGUF type {t} stores {NOMINAL_BITS[t]}-bit codes, not bits={cfg.bits}: "
                     f"use QuantConfig({NOMINAL_BITS[t]}, method='gguf', type={t!r})"
                 )
+
+    def parse_spec(self, arg: str) -> dict:
+        """``gguf:Q4_K`` -> {"type": "Q4_K"} (an unknown type names the choices)."""
+        return {"type": self.check_setting("type", arg)}
+
+    def spec_config(self, bits: int, group_size, settings: dict) -> QuantConfig:
+        """``gguf:TYPE``: that type at its nominal bits; plain ``gguf``: the k-quant of ``bits``
+        (the type fixes its blocks, so the group size is not used)."""
+        if "type" in settings:
+            return gguf_config(settings["type"])
+        cfg = QuantConfig(bits, None, method="gguf", **settings)
+        self.check_plan([cfg])
+        return cfg
 
     def storage(self, cfg: QuantConfig, in_features: int) -> tuple[str, float]:
         """(the GGUF type a Linear of ``in_features`` inputs gets, its bits per weight)."""

@@ -127,6 +127,7 @@ class GPTQ(Method):
             cancel=req.cancel,
             on_progress=req.on_progress,
             prior=req.done,
+            tokenizer=req.tokenizer,
         )
         rtn = METHODS["rtn"]  # embeddings: no Hessian for them, round-to-nearest
         return {
@@ -258,10 +259,12 @@ def gptq_materialize(
     cancel: threading.Event | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     prior: dict[str, torch.Tensor] | None = None,
+    tokenizer=None,
 ) -> dict[str, torch.Tensor]:
     """{name: dequantized weight} of every decoder Linear ``plan`` quantizes, computed
     sequentially: GPTQ for GPTQ configs; the other layers as ``prior`` has them, else by their
-    (uncalibrated) method's ``quantize_weight``, and fed forward so that later layers calibrate
+    method's own ``materialize`` (HQQ, GGUF, RTN: see :func:`others`), and fed forward so that
+    later layers calibrate
     on the plan's own outputs. Every parameter is left exactly as it was (its ``.data`` is
     swapped temporarily and restored).
 
@@ -275,10 +278,10 @@ def gptq_materialize(
     plan.check_layers(len(layers))
     device = next(model.parameters()).device
     calib_ids = calib_ids.to(device)
-    prior = prior or {}
-    out: dict[str, torch.Tensor] = {}
     if on_progress is not None:
         on_progress(0, len(layers))
+    prior = others(model, adapter, plan, prior or {}, tokenizer, progress, cancel)
+    out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         chunks = _capture_inputs(model, layers[0], calib_ids, batch)
         for i in tqdm(range(len(layers)), desc="GPTQ", disable=not progress):
@@ -296,12 +299,10 @@ def gptq_materialize(
                         q = gptq_quantize(_out_in(mod), hess[rels[0]].to(mod.weight.device), cfg)
                         new[rel] = q.t().contiguous() if weight_layout(mod) == "in_out" else q
             elif method is not None:
-                for rel, mod in mods.items():
+                for rel in mods:
                     name = f"{adapter.layers}.{i}.{rel}"
                     if name in prior:
                         new[rel] = prior[name]
-                    elif not method.calibrated:
-                        new[rel] = apply(method, mod.weight.data, weight_layout(mod), cfg, name)
             for rel, q in new.items():
                 out[f"{adapter.layers}.{i}.{rel}"] = q
             if i + 1 < len(layers):
@@ -309,6 +310,65 @@ def gptq_materialize(
             if on_progress is not None:
                 on_progress(i + 1, len(layers))
     return out
+
+
+def others(
+    model: nn.Module,
+    adapter: Adapter,
+    plan: QuantPlan,
+    done: dict[str, torch.Tensor],
+    tokenizer=None,
+    progress: bool = False,
+    cancel: threading.Event | None = None,
+) -> dict[str, torch.Tensor]:
+    """``done`` plus every decoder weight of ``plan``'s non-GPTQ layers that it lacks, each
+    materialized by its own method (on ``model``'s weights, its disk cache included): whatever
+    the order in which the engine runs a mixed plan's methods (a slow HQQ or GGUF share may come
+    after GPTQ), GPTQ calibrates on the plan's real inputs, never on full-precision layers."""
+    from qviz.quant.engine import _by_method, targets
+
+    need = [
+        (t, c, t.param.data)
+        for t, c in targets(model, adapter, plan)
+        if t.layer >= 0 and t.name not in done and not isinstance(METHODS[c.method], GPTQ)
+    ]
+    out = dict(done)
+    for method, its in _by_method(need).items():
+        req = Request(model, adapter, plan, its, dict(out), tokenizer, cancel, progress=progress)
+        out.update(method.materialize(req))
+    return out
+
+
+def importance_matrix(
+    model: nn.Module, adapter: Adapter, calib_ids: torch.Tensor, batch: int = 8
+) -> dict[str, torch.Tensor]:
+    """llama.cpp's imatrix: {decoder Linear name: [in] mean of its squared input activations}
+    over the calibration windows ``calib_ids`` [n_seq, seq_len], on ``model`` as it is (call it
+    on full-precision weights)."""
+    from qviz.models.access import hidden_in
+
+    sums: dict[str, list] = {}
+    handles = []
+    for i, layer in enumerate(adapter.decoder_layers(model)):
+        for rel in adapter.linears:
+            name = f"{adapter.layers}.{i}.{rel}"
+
+            def hook(_mod, args, name=name):
+                x = hidden_in(args, {}).detach().float()
+                x = x.reshape(-1, x.shape[-1])
+                acc = sums.setdefault(name, [torch.zeros(x.shape[-1], dtype=torch.float64), 0])
+                acc[0] += (x * x).sum(0).double().cpu()
+                acc[1] += x.shape[0]
+
+            handles.append(layer.get_submodule(rel).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            for start in range(0, calib_ids.shape[0], batch):
+                model(calib_ids[start : start + batch], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: (s / n).float() for name, (s, n) in sums.items()}
 
 
 def _out_in(mod: nn.Module) -> torch.Tensor:
@@ -406,6 +466,7 @@ def cached_gptq_materialize(
     cancel: threading.Event | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     prior: dict[str, torch.Tensor] | None = None,
+    tokenizer=None,
 ) -> dict[str, torch.Tensor]:
     """``gptq_materialize`` through the verified disk cache (a cancelled run writes nothing).
 
@@ -428,6 +489,7 @@ def cached_gptq_materialize(
         cancel=cancel,
         on_progress=on_progress,
         prior=prior,
+        tokenizer=tokenizer,
     )
     try:
         save_cache(path, key, weights)

@@ -146,12 +146,13 @@ def _pack_k4_scales(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
 
 
 # the k-quants ----------------------------------------------------------------------------------
-def _k_minmax(x: np.ndarray, sub: int, nmax: int, scale_max: int, qkx2_args, weights):
-    """Shared by Q2_K / Q4_K / Q5_K: per sub-block scale and min, quantized to ``scale_max``
-    levels against the block's fp16 d / dmin; returns (d bytes, dmin bytes, ls, lm, codes)."""
+def _k_minmax(x: np.ndarray, sub: int, nmax: int, scale_max: int, qkx2_args, w: np.ndarray):
+    """Shared by Q2_K / Q4_K / Q5_K: per sub-block scale and min (weighted error, weights w
+    [nb, 256]), quantized to ``scale_max`` levels against the block's fp16 d / dmin; returns
+    (d bytes, dmin bytes, ls, lm, codes)."""
     nb = x.shape[0]
     xs = x.reshape(-1, sub)
-    sc, mins, L0 = make_qkx2_quants(xs, weights(xs), nmax, *qkx2_args)
+    sc, mins, L0 = make_qkx2_quants(xs, w.reshape(-1, sub), nmax, *qkx2_args)
     sc, mins, L0 = sc.reshape(nb, -1), mins.reshape(nb, -1), L0.reshape(nb, -1, sub)
     max_scale, max_min = np.maximum(sc.max(1), 0), np.maximum(mins.max(1), 0)
     inv_s = np.where(max_scale > 0, scale_max / _safe(max_scale), 0)
@@ -168,28 +169,40 @@ def _k_minmax(x: np.ndarray, sub: int, nmax: int, scale_max: int, qkx2_args, wei
     return d_b, m_b, ls, lm, L
 
 
-def _qk_weights(xs: np.ndarray) -> np.ndarray:  # Q4_K / Q5_K: rms of the sub-block + |x|
-    return np.sqrt((xs * xs).mean(1, keepdims=True)) + np.abs(xs)
+def _qk_weights(x: np.ndarray, qw: np.ndarray | None, sigma_scale: float) -> np.ndarray:
+    """Error weights of a k-quant's blocks x [nb, 256]. Without an importance matrix, the
+    reference's: rms of the 32-wide sub-block + |x| (Q4_K / Q5_K). With one (qw [nb, 256], the
+    mean squared activation of each weight's input column, llama.cpp's imatrix), as
+    ``quantize_row_q{2,4,5}_K_impl`` weight it: qw * sqrt(sigma2 + x^2), sigma2 =
+    ``sigma_scale`` * mean of x^2 over the block."""
+    if qw is None:
+        xs = x.reshape(-1, 32)
+        return (np.sqrt((xs * xs).mean(1, keepdims=True)) + np.abs(xs)).reshape(x.shape)
+    sigma2 = sigma_scale * (x * x).mean(1, keepdims=True)
+    return qw * np.sqrt(sigma2 + x * x)
 
 
-def quantize_q4_k(x: np.ndarray) -> np.ndarray:
-    """Blocks x [nb, 256] -> Q4_K bytes [nb, 144]."""
-    d, dm, ls, lm, L = _k_minmax(x, 32, 15, 63, (-1.0, 0.1, 20, False), _qk_weights)
+def quantize_q4_k(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
+    """Blocks x [nb, 256] -> Q4_K bytes [nb, 144]; ``qw`` [nb, 256]: importance (imatrix)."""
+    w = _qk_weights(x, qw, 2.0)
+    d, dm, ls, lm, L = _k_minmax(x, 32, 15, 63, (-1.0, 0.1, 20, False), w)
     return np.concatenate([d, dm, _pack_k4_scales(ls, lm), _pack_nibbles(L)], axis=1)
 
 
-def quantize_q5_k(x: np.ndarray) -> np.ndarray:
-    """Blocks x [nb, 256] -> Q5_K bytes [nb, 176]."""
-    d, dm, ls, lm, L = _k_minmax(x, 32, 31, 63, (-0.5, 0.1, 15, False), _qk_weights)
+def quantize_q5_k(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
+    """Blocks x [nb, 256] -> Q5_K bytes [nb, 176]; ``qw`` [nb, 256]: importance (imatrix)."""
+    w = _qk_weights(x, qw, 2.0)
+    d, dm, ls, lm, L = _k_minmax(x, 32, 31, 63, (-0.5, 0.1, 15, False), w)
     L = L.astype(np.uint8)
     hi = (L >> 4).reshape(-1, 8, 32)
     qh = sum(hi[:, s] << s for s in range(8)).astype(np.uint8)
     return np.concatenate([d, dm, _pack_k4_scales(ls, lm), qh, _pack_nibbles(L & 0xF)], axis=1)
 
 
-def quantize_q2_k(x: np.ndarray) -> np.ndarray:
-    """Blocks x [nb, 256] -> Q2_K bytes [nb, 84]."""
-    d, dm, ls, lm, L = _k_minmax(x, 16, 3, 15, (-0.5, 0.1, 15, True), np.abs)
+def quantize_q2_k(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
+    """Blocks x [nb, 256] -> Q2_K bytes [nb, 84]; ``qw`` [nb, 256]: importance (imatrix)."""
+    w = np.abs(x) if qw is None else _qk_weights(x, qw, 1.0)
+    d, dm, ls, lm, L = _k_minmax(x, 16, 3, 15, (-0.5, 0.1, 15, True), w)
     scales = (ls.astype(np.uint8) | (lm.astype(np.uint8) << 4)).astype(np.uint8)
     return np.concatenate([scales, _pack_crumbs(L), d, dm], axis=1)
 

@@ -124,6 +124,21 @@ class Method:
     def check_plan(self, cfgs: list[QuantConfig]) -> None:
         """Raise ValueError if this method's configs cannot run together in one plan."""
 
+    # the CLI / dashboard spelling "name[:arg]" -----------------------------------------------
+    def parse_spec(self, arg: str) -> dict[str, Any]:
+        """The settings that ``arg`` of the spelling ``name:arg`` means (default: none taken)."""
+        takers = [n for n in METHODS if type(METHODS[n]).parse_spec is not Method.parse_spec]
+        raise ValueError(
+            f"method {self.name!r} takes no ':' argument, got {self.name}:{arg}; "
+            f"methods that take one: {', '.join(f'{n}:...' for n in takers) or 'none'}"
+        )
+
+    def spec_config(self, bits: int, group_size: int | None, settings: dict) -> QuantConfig:
+        """The config of the spelling ``name[:arg]`` (its ``settings``) at ``bits``."""
+        from qviz.quant.config import QuantConfig
+
+        return QuantConfig(bits, group_size, method=self.name, **settings)
+
     # materialize ------------------------------------------------------------------------------
     def quantize_weight(self, w: torch.Tensor, cfg: QuantConfig, name: str) -> torch.Tensor:
         """w [out, in] -> dequantized [out, in] (new tensor; ``w`` untouched). Uncalibrated only."""
@@ -145,6 +160,21 @@ def apply(method: Method, w: torch.Tensor, layout: str, cfg: QuantConfig, name: 
     if layout == "in_out":
         return method.quantize_weight(w.t(), cfg, name).t().contiguous()
     return method.quantize_weight(w, cfg, name)
+
+
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """The CLI / dashboard spelling of a method: ``"gguf:Q4_K"`` -> ``("gguf", {"type": "Q4_K"})``,
+    ``"hqq"`` -> ``("hqq", {})``. A ValueError names the bad value and the choices (an unknown
+    method, an unknown GGUF type, an argument given to a method that takes none)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"method must be one of {tuple(METHODS)} (gguf:TYPE), got {spec!r}")
+    name, sep, arg = spec.strip().partition(":")
+    method = METHODS.get_method(name.strip().lower())
+    if not sep:
+        return method.name, {}
+    if not arg.strip():
+        raise ValueError(f"nothing after ':' in method {spec!r}")
+    return method.name, method.parse_spec(arg.strip())
 
 
 def _unknown_setting(key: str, method: str) -> str:

@@ -455,3 +455,32 @@ def test_equal_to_the_implementation_before_the_speed_up(tiny_model, cfg):
     for c in CFGS:
         q, ref = gptq.gptq_quantize(w, H, c, blocksize=64), _reference_quantize(w, H, c, 64)
         assert torch.equal(q, ref)
+
+
+def test_hqq_layers_of_a_mixed_plan_are_quantized_while_gptq_calibrates(tmp_path, monkeypatch):
+    """GPTQ on layers 0 and 2, HQQ on layer 1 (GPTQ's share runs first: layer 0 is GPTQ):
+    layer 2 calibrates on layer 1's HQQ outputs, not on full-precision ones."""
+    pytest.importorskip("hqq")
+    from qviz.quant.hqq import hqq_quantize
+
+    monkeypatch.setenv("QVIZ_CACHE", str(tmp_path))
+    model = tiny_llama()
+    hqq = QuantConfig(bits=2, group_size=32, method="hqq")
+    plan = QuantPlan(default=SMALL, overrides=((1, hqq),))
+    engine = QuantEngine(model)
+    engine.progress = False
+    weights = engine.materialize(plan)
+    name = "model.layers.1.mlp.down_proj"
+    assert torch.equal(weights[name], hqq_quantize(model.get_submodule(name).weight, 2, 32))
+    calib = gptq.calibration_ids(None, n_seq=4, seq_len=16, vocab_size=97)
+    adapter = get_adapter(model)
+    layer1 = {k: v for k, v in weights.items() if ".layers.1." in k}
+    ref = gptq.gptq_materialize(model, adapter, plan, calib, progress=False, prior=layer1)
+    fp1 = QuantPlan(default=SMALL, overrides=((1, None),))
+    at_fp = gptq.gptq_materialize(model, adapter, fp1, calib, progress=False)
+    q2 = "model.layers.2.self_attn.q_proj"
+    assert torch.equal(ref[q2], weights[q2])
+    assert not torch.equal(at_fp[q2], weights[q2])  # the bug: layer 1 left at full precision
+    # without a prior, gptq_materialize quantizes the HQQ layer itself (from HQQ's disk cache)
+    alone = gptq.gptq_materialize(model, adapter, plan, calib, progress=False)
+    assert all(torch.equal(alone[k], weights[k]) for k in weights)
