@@ -19,11 +19,14 @@ from qviz.cancel import Cancelled
 from qviz.cli import main
 from qviz.studies.frontier import (
     COLUMNS,
+    VERDICT_PROMPT,
+    VERDICT_PROMPTS,
     bigger_vs_smaller,
     bits_per_byte,
     held_out_text,
     memory_frontier,
     pareto_mask,
+    verdict_prompt,
 )
 from tests.conftest import CharTokenizer, tiny_gpt2, tiny_llama
 
@@ -213,3 +216,25 @@ def test_cli_frontier(capsys):
     assert out["rows"][2]["pareto"]  # the least memory is always on the front
     assert out["rows"][2]["bits_per_byte"] > out["rows"][0]["bits_per_byte"]
     assert out["bigger_at_4_vs_smaller_at_8"] == []
+
+
+def test_verdict_column_is_compare_s_mode_per_cell():
+    prompt = "The capital of France is"
+    fresh = tiny_lab()  # an independent Lab (own caches) on the same weights
+    with torch.no_grad():
+        target = int(fresh.model(fresh.encode(prompt)).logits[0, -1].argmax())
+    want = [fresh.compare(prompt, target, p, cka_context=0).verdict.mode for p in PLANS]
+    frame = memory_frontier([tiny_lab()], PLANS, max_chars=60, n_facts=0, verdict=(prompt, target))
+    assert list(frame.columns) == COLUMNS + ["verdict"]
+    assert frame["verdict"].tolist() == want
+    assert want[0] == "healthy"  # full precision predicts its own top-1 target
+    # a mapping model name -> pair; True: each embedded model's own pair, else VERDICT_PROMPT
+    frame = memory_frontier(
+        [tiny_lab()], PLANS[:1], max_chars=60, n_facts=0, verdict={"tiny-llama": (prompt, target)}
+    )
+    assert frame["verdict"].tolist() == want[:1]
+    assert verdict_prompt("gemma3-270m", True) == VERDICT_PROMPTS["gemma3-270m"]
+    assert verdict_prompt("tiny-llama", True) == VERDICT_PROMPT
+    assert verdict_prompt("tiny-llama", {"x": ("a", "b")}) == VERDICT_PROMPT
+    with pytest.raises(ValueError, match="pair"):
+        memory_frontier([tiny_lab()], PLANS[:1], max_chars=60, verdict=("only a prompt",))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import gc
 import math
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,6 +50,25 @@ COLUMNS = [
     "n_facts",
     "pareto",
 ]
+
+# the verdict's (prompt, target) per embedded model: one its full-precision model answers top-1
+# (tests/models/test_models.py: Gemma 3 270M ranks " Paris" third after the default prompt)
+VERDICT_PROMPT = ("The capital of France is", " Paris")
+VERDICT_PROMPTS = {"gemma3-270m": ("Paris is the capital of", " France")}
+
+
+def verdict_prompt(
+    name: str, verdict: bool | tuple[str, str | int] | Mapping[str, tuple[str, str | int]]
+) -> tuple[str, str | int]:
+    """The (prompt, target) of model ``name``'s verdict: ``verdict`` itself when a pair, its
+    entry when a mapping (``VERDICT_PROMPT`` for a name it lacks), else ``VERDICT_PROMPTS``'s
+    entry or ``VERDICT_PROMPT``."""
+    if isinstance(verdict, tuple):
+        if len(verdict) != 2 or not isinstance(verdict[0], str):
+            raise ValueError(f"verdict must be a (prompt, target) pair, got {verdict!r}")
+        return verdict
+    table = verdict if isinstance(verdict, Mapping) else VERDICT_PROMPTS
+    return tuple(table.get(name, VERDICT_PROMPT))
 
 
 def held_out_text(max_chars: int | None = None) -> str:
@@ -185,6 +204,7 @@ def memory_frontier(
     on_progress: Callable[[int, int, str], None] | None = None,
     progress: bool = False,
     cancel: threading.Event | None = None,
+    verdict: bool | tuple[str, str | int] | Mapping[str, tuple[str, str | int]] = False,
 ) -> pd.DataFrame:
     """One row per (model, plan): weight memory against bits per byte and fact accuracy.
 
@@ -199,8 +219,12 @@ def memory_frontier(
     group_size, params, weight_mib (``qviz.footprint``: embedding and unembedding included),
     embed_mib (their part), effective_bits, bits_per_byte, fact_accuracy, n_bytes, n_tokens,
     n_facts, pareto (bool: no other row needs no more memory at no worse bits per byte, see
-    ``pareto_mask``). ``on_progress(done, total, "model plan")`` after each cell, or a tqdm bar
-    with ``progress``; ``cancel`` is checked before each model, plan and window.
+    ``pareto_mask``). ``verdict`` (off by default): also a ``verdict`` column, the mode of
+    ``lab.compare(prompt, target, plan, cka_context=0)`` (no pooled context: one prompt's
+    forwards), with (prompt, target) from ``verdict_prompt``: True for each embedded model's
+    own pair, one pair for every model, or a mapping model name -> pair.
+    ``on_progress(done, total, "model plan")`` after each cell, or a tqdm bar with
+    ``progress``; ``cancel`` is checked before each model, plan and window.
     """
     check_models(models)
     check_plans(plans)
@@ -221,6 +245,7 @@ def memory_frontier(
             lab = m if is_lab(m) else load(m, device=device)
             try:
                 _, prompts, tids = facts_of(lab, facts)
+                probe = verdict_prompt(name, verdict) if verdict is not False else None
                 for plan in plans:
                     check_cancel(cancel, f"before {name} {plan.label}")
                     lab.check(plan)
@@ -232,6 +257,9 @@ def memory_frontier(
                             ok, _ = next_token_stats(lab, prompts, tids, cancel=cancel)
                         acc = float(ok.mean())
                     cfg = plan.default
+                    if probe is not None:
+                        cmp = lab.compare(*probe, plan, cka_context=0, cancel=cancel)
+                        mode = cmp.verdict.mode
                     rows.append(
                         {
                             "model": name,
@@ -250,6 +278,7 @@ def memory_frontier(
                             "n_tokens": bpb["n_tokens"],
                             "n_facts": len(facts),
                         }
+                        | ({"verdict": mode} if probe is not None else {})
                     )
                     done += 1
                     if on_progress is not None:
@@ -264,8 +293,10 @@ def memory_frontier(
     finally:
         if bar is not None:
             bar.close()
-    frame = pd.DataFrame(rows, columns=COLUMNS[:-1])
+    frame = pd.DataFrame(rows, columns=COLUMNS[:-1])  # "verdict" (when asked) added after
     frame["pareto"] = pareto_mask(frame["weight_mib"], frame["bits_per_byte"])
+    if verdict is not False:
+        frame["verdict"] = pd.Series([r["verdict"] for r in rows], dtype=object)
     return frame
 
 
