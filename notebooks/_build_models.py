@@ -23,7 +23,8 @@ MODELS = [
         The usual advice for a memory budget is to take the largest model that fits at about
         4 bits rather than a smaller one at 8. qviz ships three real models offline, so the
         question can be measured: SmolLM2-135M, Gemma 3 270M and Qwen2.5-Coder-0.5B, each at
-        RTN 8, 4 and 3 bits (group 128), on one chart.
+        RTN 8, 4, 3 and 2 bits (group 128), on one chart, each cell with qviz's verdict on a
+        fact the model knows.
 
         Quality has to be measured the same way for three tokenizers, so it is **bits per byte**
         of the bundled held-out prose (total negative log-likelihood in bits over its UTF-8
@@ -31,7 +32,11 @@ MODELS = [
         accuracy** on the bundled facts (the answer's first token is the top-1 next token).
         Memory is `qviz.footprint`: decoder Linears at the plan's bits plus 16-bit scales and
         zeros, the embedding and unembedding at FP16. `qviz.memory_frontier` loads one model at
-        a time and frees it before the next. To stay fast in CI this notebook uses a short
+        a time and frees it before the next; with `verdict=True` it adds the mode of
+        `lab.compare(prompt, target, plan, cka_context=0)` per cell (healthy / signal degradation
+        / computation collapse), on a prompt each full-precision model answers top-1 ("The
+        capital of France is" -> " Paris"; Gemma: "Paris is the capital of" -> " France"). To
+        stay fast in CI this notebook uses a short
         slice of the text and 30 facts; `qviz frontier` runs the full measurement (README).""",
     ),
     ("code", BOKEH_SETUP),
@@ -45,10 +50,10 @@ MODELS = [
         from qviz.studies.frontier import bigger_vs_smaller, pareto_mask
 
         MODELS = ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b"]
-        PLANS = [QuantPlan.uniform(QuantConfig(bits, 128)) for bits in (8, 4, 3)]
-        frame = qviz.memory_frontier(MODELS, PLANS, max_chars=1200, n_facts=30)
+        PLANS = [QuantPlan.uniform(QuantConfig(bits, 128)) for bits in (8, 4, 3, 2)]
+        frame = qviz.memory_frontier(MODELS, PLANS, max_chars=1200, n_facts=30, verdict=True)
         cols = ["model", "plan", "weight_mib", "embed_mib", "bits_per_byte", "fact_accuracy"]
-        frame[cols + ["pareto"]].round(3)""",
+        frame[cols + ["verdict", "pareto"]].round(3)""",
     ),
     (
         "code",
@@ -58,19 +63,25 @@ MODELS = [
         assert frame.n_bytes.nunique() == 1 and frame.n_facts.eq(30).all()
         for model, rows in frame.groupby("model"):
             mib, bpb = rows.weight_mib.to_numpy(), rows.bits_per_byte.to_numpy()
-            assert mib[0] > mib[1] > mib[2], model  # 8 > 4 > 3 bits
-            assert bpb[2] > bpb[0], model  # 3 bits loses to 8 bits on every model
+            assert mib[0] > mib[1] > mib[2] > mib[3], model  # 8 > 4 > 3 > 2 bits
+            assert bpb[3] > bpb[2] > bpb[0], model  # 2 and 3 bits lose to 8 bits on every model
             assert 0.5 < bpb[0] < 2.5, model  # English prose, real models
         # the front: no other row has both less memory and fewer bits per byte
         assert frame.pareto.tolist() == pareto_mask(frame.weight_mib, frame.bits_per_byte).tolist()
-        assert frame.loc[frame.weight_mib.idxmin(), "pareto"]""",
+        assert frame.loc[frame.weight_mib.idxmin(), "pareto"]
+        # a verdict per cell (each model on its own fact): one mode per bit-width on all three
+        modes = {"healthy", "signal degradation", "computation collapse"}
+        assert set(frame.verdict) <= modes, set(frame.verdict)
+        expect = {8: "healthy", 4: "healthy", 3: "signal degradation", 2: "computation collapse"}
+        for bits, mode in expect.items():
+            assert (frame[frame.bits == bits].verdict == mode).all(), (bits, mode)""",
     ),
     (
         "md",
         """\
         Memory (x) against bits per byte (y, lower is better), one colour per model, each point
         labelled with its bit-width; the grey line joins the Pareto front. Hover for the fact
-        accuracy.""",
+        accuracy and the verdict.""",
     ),
     (
         "code",
@@ -94,7 +105,8 @@ MODELS = [
         fig.add_tools(HoverTool(tooltips=[("model", "@model"), ("plan", "@plan"),
                                           ("MiB", "@weight_mib{0.0}"),
                                           ("bits/byte", "@bits_per_byte{0.000}"),
-                                          ("facts", "@fact_accuracy{0.00}")]))
+                                          ("facts", "@fact_accuracy{0.00}"),
+                                          ("verdict", "@verdict")]))
         fig.xaxis.axis_label = "weight memory (MiB, embeddings at FP16)"
         fig.yaxis.axis_label = "bits per byte of held-out prose"
         fig.legend.location = "top_right"
@@ -131,6 +143,9 @@ MODELS = [
             # here the smaller model at 8 bits needs less memory AND predicts the prose better
             assert smol8.weight_mib < big4.weight_mib, big
             assert smol8.bits_per_byte < big4.bits_per_byte, big
+        # the front: SmolLM2 at every bit-width, and Gemma at 8 bits (the fewest bits per byte)
+        assert frame[frame.model == "smollm2-135m"].pareto.all() and row("gemma3-270m", 8).pareto
+        assert frame.pareto.sum() == 5
         # ... yet the biggest model loses the least from 4 bits (relative to its own 8 bits)
         loss4 = {m: row(m, 4).bits_per_byte / row(m, 8).bits_per_byte for m in MODELS}
         print({m: round(v, 3) for m, v in loss4.items()})
@@ -141,14 +156,21 @@ MODELS = [
         """\
         **Answer, on these three models: no.** SmolLM2-135M at 8 bits needs less memory than
         Gemma 3 270M or Qwen2.5-Coder-0.5B at 4 bits and reaches fewer bits per byte on the
-        held-out prose; the whole Pareto front is SmolLM2's. The advice holds *within* one
-        family trained on the same data, where a bigger model is simply a better predictor; here
-        the three models differ more by their training (SmolLM2 on web and textbook-like
-        English prose, Qwen on code, Gemma 270M a tiny base model for fine-tuning) and by their
-        vocabularies (whose 16-bit embeddings are most of the small models' memory) than by
-        size. What size does buy is robustness: Qwen's bits per byte rise only a few percent
-        from 8 to 4 bits and it keeps its fact accuracy, where the two smaller models lose about
-        a sixth in bits per byte and a third to two thirds of their facts.""",
+        held-out prose; the Pareto front is SmolLM2 at every bit-width plus Gemma at 8 bits (the
+        fewest bits per byte on this short slice, at about 2.6 times SmolLM2's memory; on the
+        README's 6,000 characters the whole front is SmolLM2's). The advice holds
+        *within* one family trained on the same data, where a bigger model is simply a better
+        predictor; here the three models differ more by their training (SmolLM2 on web and
+        textbook-like English prose, Qwen on code, Gemma 270M a tiny base model for
+        fine-tuning) and by their vocabularies (whose 16-bit embeddings are most of the small
+        models' memory) than by size. What size does buy is robustness: Qwen's bits per byte
+        rise about 5% from 8 to 4 bits and it keeps its facts, where the two smaller models'
+        rise about 12-13% and they lose most of theirs.
+
+        **The verdicts** (each model on its own fact) agree across sizes: 8 and 4 bits stay
+        healthy, 3 bits is signal degradation and 2 bits computation collapse on all three. And
+        2 bits buys little here: with the 16-bit embeddings kept it saves only about 12-43 MiB
+        over 3 bits while bits per byte grow two to four times.""",
     ),
     (
         "md",
