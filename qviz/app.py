@@ -69,10 +69,16 @@ def create_app(model: str = "smollm2-135m", methods: Sequence[str] = ()):
     then its side-by-side method (both optional; ``qviz serve --method``)."""
     import panel as pn
 
+    from qviz.views.frontier_tab import FrontierTab
     from qviz.views.sweep_tab import SweepTab
 
     page = model_page(model, methods)
-    tabs = pn.Tabs(("Diagnostics", page), ("Sweep results", SweepTab()), dynamic=False)
+    tabs = pn.Tabs(
+        ("Diagnostics", page),
+        ("Sweep results", SweepTab()),
+        ("Memory frontier", FrontierTab()),
+        dynamic=False,
+    )
     return pn.Column(page.header, tabs, sizing_mode="stretch_width")
 
 

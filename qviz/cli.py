@@ -258,6 +258,7 @@ def cmd_frontier(args: argparse.Namespace) -> int:
             plans,
             max_chars=args.chars or None,
             n_facts=args.facts,
+            verdict=args.verdict,
             progress=not (args.json or args.csv),
         )
     except ValueError as err:
@@ -275,6 +276,7 @@ def cmd_frontier(args: argparse.Namespace) -> int:
         print(frame.to_csv(index=False), end="")
         return 0
     cols = ["model", "plan", "weight_mib", "effective_bits", "bits_per_byte", "fact_accuracy"]
+    cols += ["verdict"] if args.verdict else []
     show = frame[cols].assign(front=frame["pareto"].map({True: "*", False: ""}))
     n_facts = int(frame["n_facts"].iloc[0])
     print(
@@ -377,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fp", action="store_true", help="also the full-precision row per model")
     p.add_argument("--chars", type=int, default=0, help="held-out text characters (0 = all)")
     p.add_argument("--facts", type=int, default=100, help="bundled facts per cell (0 = skip)")
+    p.add_argument("--verdict", action="store_true", help="also the verdict of each cell")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true")
     out.add_argument("--csv", action="store_true")

@@ -216,6 +216,11 @@ def test_cli_frontier(capsys):
     assert out["rows"][2]["pareto"]  # the least memory is always on the front
     assert out["rows"][2]["bits_per_byte"] > out["rows"][0]["bits_per_byte"]
     assert out["bigger_at_4_vs_smaller_at_8"] == []
+    code = main(["frontier", "--models", "smollm2-135m", "--bits", "8,2", "--chars", "200"]
+                + ["--facts", "0", "--verdict"])  # fmt: skip
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "verdict" in text and "healthy" in text and "computation collapse" in text
 
 
 def test_verdict_column_is_compare_s_mode_per_cell():

@@ -164,7 +164,7 @@ def test_the_served_page_has_the_selector_and_a_notebook_dashboard_has_none(monk
     header, tabs = root.objects
     select = header.objects[1]
     assert select.value == "deep" and {"smollm2-135m", "gemma3-270m"} <= set(select.options)
-    assert tabs._names == ["Diagnostics", "Sweep results"]
+    assert tabs._names == ["Diagnostics", "Sweep results", "Memory frontier"]
     d = Dashboard(app.shared_lab("deep"))
     css = [c for o in d.__panel__().select() for c in (getattr(o, "css_classes", None) or [])]
     assert "qviz-bits" in css and "qviz-model" not in css  # the Lab was given: no selector
