@@ -12,7 +12,8 @@ Setting ``imatrix=True`` (spelling ``gguf:Q2_K+imatrix``, label ``-im``): the ty
 column's mean squared activation), computed once per model on the calibration part of the
 bundled prose only (``qviz.data.split_text``: its first third, never the evaluation text) and
 kept in memory. Rows that fall back to a type without one (Q2_K -> IQ4_NL on 576-wide rows) are
-quantized as without it.
+quantized as without it. Measured on SmolLM2-135M (4000 held-out characters of the prose's
+evaluation part, fp 24.2): Q2_K perplexity 154 -> 40.0 with it, Q4_K 25.50 -> 25.50.
 
 A row width that is not a multiple of the type's block (SmolLM2's 576-wide Linears for the
 256-wide k-quants) gets llama.cpp's fallback type (``llama-quant.cpp``: Q2_K/Q3_K -> IQ4_NL,
