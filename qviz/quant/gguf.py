@@ -11,9 +11,8 @@ Setting ``imatrix=True`` (spelling ``gguf:Q2_K+imatrix``, label ``-im``): the ty
 ``IMATRIX_TYPES`` weight their rounding error by llama.cpp's importance matrix (each input
 column's mean squared activation), computed once per model on the calibration part of the
 bundled prose only (``qviz.data.split_text``: its first third, never the evaluation text) and
-kept in memory. Rows that fall back to a type without one (Q2_K -> IQ4_NL on 576-wide rows) are
-quantized as without it. Measured on SmolLM2-135M (4000 held-out characters of the prose's
-evaluation part, fp 24.2): Q2_K perplexity 154 -> 40.0 with it, Q4_K 25.50 -> 25.50.
+kept in memory. Rows that fall back to a type without one (Q4_K -> Q5_0 on 576-wide rows) are
+quantized as without it; Q2_K's fallback IQ4_NL uses it, as in llama.cpp.
 
 A row width that is not a multiple of the type's block (SmolLM2's 576-wide Linears for the
 256-wide k-quants) gets llama.cpp's fallback type (``llama-quant.cpp``: Q2_K/Q3_K -> IQ4_NL,
@@ -83,7 +82,7 @@ def storage_type(qtype: str, in_features: int) -> str:
     return fallback if in_features % block_size(fallback) == 0 else "F16"
 
 
-IMATRIX_TYPES = ("Q5_K", "Q4_K", "Q2_K")  # encoders here that weight their error by one
+IMATRIX_TYPES = ("Q5_K", "Q4_K", "Q2_K", "IQ4_NL")  # encoders here that weight their error by one
 
 
 def encode(w: np.ndarray, qtype: str, importance: np.ndarray | None = None) -> np.ndarray:

@@ -141,16 +141,17 @@ def test_smollm2_widths_get_llama_cpp_types(embedded):
     assert fp.effective_bits == pytest.approx((4.5 * n_down + 5.5 * (n - n_down)) / n)
 
 
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q2_K"])
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q2_K", "IQ4_NL"])
 def test_an_importance_matrix_lowers_the_activation_weighted_error(qtype):
     """Inputs of very unequal energy (as a Linear's activations are): with the per-column mean
     of squared activations as importance, the output error sum_j a_j (w_j - q_j)^2 falls."""
     gen = np.random.default_rng(3)
     w = (gen.standard_normal((64, 512)) * 0.02).astype(np.float32)
     act2 = np.exp(gen.standard_normal(512) * 1.5).astype(np.float32)  # mean x^2 per column
-    qw = np.broadcast_to(act2, w.shape).reshape(-1, 256)
-    plain = g.decode(ENCODERS[qtype](w.reshape(-1, 256)).reshape(64, -1), qtype)
-    weighted = g.decode(ENCODERS[qtype](w.reshape(-1, 256), qw).reshape(64, -1), qtype)
+    b = g.block_size(qtype)
+    qw = np.broadcast_to(act2, w.shape).reshape(-1, b)
+    plain = g.decode(ENCODERS[qtype](w.reshape(-1, b)).reshape(64, -1), qtype)
+    weighted = g.decode(ENCODERS[qtype](w.reshape(-1, b), qw).reshape(64, -1), qtype)
     err = {k: float(((v - w) ** 2 * act2).sum()) for k, v in (("plain", plain), ("im", weighted))}
     assert err["im"] < err["plain"], err
     # and it is a trade: the unweighted error is no better than without the matrix
@@ -266,7 +267,7 @@ def test_bad_imatrix_spelling_is_clear():
         QuantConfig.from_spec("gguf:Q2_K+imat", 2)
     with pytest.raises(ValueError, match="choices: imatrix"):
         QuantConfig.from_spec("gguf:Q2_K+", 2)
-    with pytest.raises(ValueError, match=r"Q8_0 uses no importance matrix.*Q5_K, Q4_K, Q2_K"):
+    with pytest.raises(ValueError, match=r"Q8_0 uses no importance matrix.*Q2_K, IQ4_NL"):
         QuantConfig.from_spec("gguf:Q8_0+imatrix", 8)
     with pytest.raises(ValueError, match=r"imatrix must be True or False, got imatrix='yes'"):
         QuantConfig(2, None, method="gguf", imatrix="yes")
