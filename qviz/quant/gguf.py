@@ -12,7 +12,9 @@ Setting ``imatrix=True`` (spelling ``gguf:Q2_K+imatrix``, label ``-im``): the ty
 column's mean squared activation), computed once per model on the calibration part of the
 bundled prose only (``qviz.data.split_text``: its first third, never the evaluation text) and
 kept in memory. Rows that fall back to a type without one (Q4_K -> Q5_0 on 576-wide rows) are
-quantized as without it; Q2_K's fallback IQ4_NL uses it, as in llama.cpp.
+quantized as without it; Q2_K's fallback IQ4_NL uses it, as in llama.cpp. Measured on
+SmolLM2-135M (4000 held-out characters of the prose's evaluation part, fp 24.2): perplexity
+Q2_K 154 -> 35.8 with it, IQ4_NL 29.4 -> 25.7.
 
 A row width that is not a multiple of the type's block (SmolLM2's 576-wide Linears for the
 256-wide k-quants) gets llama.cpp's fallback type (``llama-quant.cpp``: Q2_K/Q3_K -> IQ4_NL,
