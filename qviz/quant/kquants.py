@@ -259,9 +259,11 @@ def _best_index(v: np.ndarray) -> np.ndarray:
     return np.searchsorted(_IQ4NL_MIDS, v, side="right")
 
 
-def quantize_iq4_nl(x: np.ndarray) -> np.ndarray:
-    """Blocks x [nb, 32] -> IQ4_NL bytes [nb, 18] (no importance matrix, ntry = 7)."""
-    vals, w = IQ4NL_VALUES, x * x
+def quantize_iq4_nl(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
+    """Blocks x [nb, 32] -> IQ4_NL bytes [nb, 18] (ntry = 7). ``qw`` [nb, 32]: an importance
+    matrix, weighting as ``quantize_row_iq4_nl_impl`` does: qw * sqrt(2 * mean(x^2) + x^2)."""
+    vals = IQ4NL_VALUES
+    w = x * x if qw is None else _qk_weights(x, qw, 2.0)
     mx = _take_absmax(x)
     zero = np.abs(mx) < EPS
     mx = _safe(np.where(zero, 0, mx))

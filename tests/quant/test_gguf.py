@@ -141,16 +141,17 @@ def test_smollm2_widths_get_llama_cpp_types(embedded):
     assert fp.effective_bits == pytest.approx((4.5 * n_down + 5.5 * (n - n_down)) / n)
 
 
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q2_K"])
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q2_K", "IQ4_NL"])
 def test_an_importance_matrix_lowers_the_activation_weighted_error(qtype):
     """Inputs of very unequal energy (as a Linear's activations are): with the per-column mean
     of squared activations as importance, the output error sum_j a_j (w_j - q_j)^2 falls."""
     gen = np.random.default_rng(3)
     w = (gen.standard_normal((64, 512)) * 0.02).astype(np.float32)
     act2 = np.exp(gen.standard_normal(512) * 1.5).astype(np.float32)  # mean x^2 per column
-    qw = np.broadcast_to(act2, w.shape).reshape(-1, 256)
-    plain = g.decode(ENCODERS[qtype](w.reshape(-1, 256)).reshape(64, -1), qtype)
-    weighted = g.decode(ENCODERS[qtype](w.reshape(-1, 256), qw).reshape(64, -1), qtype)
+    b = g.block_size(qtype)
+    qw = np.broadcast_to(act2, w.shape).reshape(-1, b)
+    plain = g.decode(ENCODERS[qtype](w.reshape(-1, b)).reshape(64, -1), qtype)
+    weighted = g.decode(ENCODERS[qtype](w.reshape(-1, b), qw).reshape(64, -1), qtype)
     err = {k: float(((v - w) ** 2 * act2).sum()) for k, v in (("plain", plain), ("im", weighted))}
     assert err["im"] < err["plain"], err
     # and it is a trade: the unweighted error is no better than without the matrix
@@ -187,3 +188,101 @@ def test_imatrix_lowers_the_activation_weighted_error_on_smollm2(embedded):
                 assert e_im < 0.9 * e_plain, (name, qtype, e_plain, e_im)
             else:
                 assert e_im < 1.005 * e_plain, (name, qtype, e_plain, e_im)
+
+
+def _wide_llama(seed: int = 0):
+    """A tiny Llama whose Linears are 256 or 512 wide, so Q2_K is used itself (no fallback)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=97,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    return LlamaForCausalLM(cfg).eval().requires_grad_(False)
+
+
+def _calibration_imatrix(model):
+    """The reference: gptq.importance_matrix on the calibration part of the prose only."""
+    from qviz.data import split_text
+    from qviz.models.arch import get_adapter
+    from qviz.quant.gptq import calibration_ids, importance_matrix
+
+    n_seq, seq_len = g.IMATRIX_WINDOWS
+    ids = calibration_ids(None, split_text()[0], n_seq, seq_len, vocab_size=97)
+    return importance_matrix(model, get_adapter(model), ids)
+
+
+def test_imatrix_plan_weights_by_the_calibration_text():
+    model = _wide_llama()
+    snap = {k: v.clone() for k, v in model.state_dict().items()}
+    g._IMATRIX.clear()
+    plain_cfg, im_cfg = g.gguf_config("Q2_K"), g.gguf_config("Q2_K", imatrix=True)
+    assert im_cfg == QuantConfig.from_spec("gguf:q2_k+imatrix", 4)
+    assert im_cfg.label == "gguf2-ch-Q2_K-im" and plain_cfg.label == "gguf2-ch-Q2_K"
+    engine = QuantEngine(model)
+    plain = engine.materialize(QuantPlan.uniform(plain_cfg))
+    with_im = engine.materialize(QuantPlan.uniform(im_cfg))
+    ref = _calibration_imatrix(model)
+    assert len(g._IMATRIX) == 1  # computed once, kept
+    better = 0
+    for name, a2 in ref.items():
+        w = snap[name + ".weight"]
+        assert torch.equal(with_im[name], g.gguf_quantize(w, "Q2_K", a2))  # the reference's
+        assert not torch.equal(with_im[name], plain[name])
+        e_plain = float((((plain[name] - w) ** 2) * a2).sum())
+        e_im = float((((with_im[name] - w) ** 2) * a2).sum())
+        better += e_im < e_plain
+    assert better == len(ref) == 14, better
+    assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
+
+    # swapped in under another plan, the matrix still comes from the original weights
+    g._IMATRIX.clear()
+    engine.clear()
+    with engine.quantized(QuantPlan.uniform(g.gguf_config("Q4_K"))):
+        again = engine.materialize(QuantPlan.uniform(im_cfg))
+    assert all(torch.equal(again[n], with_im[n]) for n in ref)
+    assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
+
+
+def test_imatrix_is_cached_per_model_in_memory():
+    from qviz.models.arch import get_adapter
+
+    model = _wide_llama(1)
+    g._IMATRIX.clear()
+    first = g.calibration_importance(model, get_adapter(model))
+    assert g.calibration_importance(model, get_adapter(model)) is first
+    other = _wide_llama(2)
+    assert g.calibration_importance(other, get_adapter(other)) is not first
+    assert len(g._IMATRIX) == 2
+
+
+def test_bad_imatrix_spelling_is_clear():
+    with pytest.raises(ValueError, match=r"unknown GGUF option 'imat' in gguf:Q2_K\+imat; "):
+        QuantConfig.from_spec("gguf:Q2_K+imat", 2)
+    with pytest.raises(ValueError, match="choices: imatrix"):
+        QuantConfig.from_spec("gguf:Q2_K+", 2)
+    with pytest.raises(ValueError, match=r"Q8_0 uses no importance matrix.*Q2_K, IQ4_NL"):
+        QuantConfig.from_spec("gguf:Q8_0+imatrix", 8)
+    with pytest.raises(ValueError, match=r"imatrix must be True or False, got imatrix='yes'"):
+        QuantConfig(2, None, method="gguf", imatrix="yes")
+    model = tiny_llama()
+    snap = {k: v.clone() for k, v in model.state_dict().items()}
+    engine = QuantEngine(model)
+    with pytest.raises(ValueError, match="Q3_K uses no importance matrix"):
+        engine.materialize(QuantPlan.uniform(QuantConfig(3, None, method="gguf", imatrix=True)))
+    with pytest.raises(NotImplementedError, match="use QuantEngine.materialize"):
+        g.GGUF().quantize_weight(snap["lm_head.weight"], g.gguf_config("Q2_K", True), "x")
+    assert engine.cached_plans == []
+    assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
+
+
+def test_imatrix_default_type_label():
+    cfg = QuantConfig(2, None, method="gguf", imatrix=True)
+    assert cfg.label == "gguf2-ch-im" and cfg.imatrix is True
+    assert QuantConfig.from_spec("gguf", 2).imatrix is False

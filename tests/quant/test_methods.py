@@ -155,3 +155,14 @@ def test_unknown_method_lists_the_registered_ones():
         ValueError, match=r"one of \('rtn', 'gptq', 'hqq', 'gguf'\), got method='zero'"
     ):
         QuantConfig(4, method="zero")
+
+
+def test_parse_method_reads_gguf_options():
+    from qviz.quant.methods import parse_method
+
+    assert parse_method("gguf:Q4_K") == ("gguf", {"type": "Q4_K"})
+    assert parse_method(" GGUF:q2_k+imatrix ") == ("gguf", {"type": "Q2_K", "imatrix": True})
+    with pytest.raises(ValueError, match=r"unknown GGUF option 'im' in gguf:Q2_K\+im; choices"):
+        parse_method("gguf:Q2_K+im")
+    with pytest.raises(ValueError, match=r"takes no ':' argument, got rtn:Q2_K\+imatrix"):
+        parse_method("rtn:Q2_K+imatrix")
