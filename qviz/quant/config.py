@@ -89,11 +89,12 @@ class QuantConfig:
         return METHODS[name].spec_config(bits, group_size, settings)
 
     @classmethod
-    def gguf(cls, qtype: str) -> QuantConfig:
-        """``QuantConfig.gguf("Q4_K")``: llama.cpp's GGUF type at its nominal bits."""
+    def gguf(cls, qtype: str, imatrix: bool = False) -> QuantConfig:
+        """``QuantConfig.gguf("Q4_K")``: llama.cpp's GGUF type at its nominal bits;
+        ``imatrix=True`` weights the encoder by an importance matrix of the calibration text."""
         from qviz.quant.gguf import gguf_config
 
-        return gguf_config(qtype)
+        return gguf_config(qtype, imatrix=imatrix)
 
     @property
     def label(self) -> str:

@@ -22,13 +22,12 @@ import pandas as pd
 import torch
 
 from qviz.cancel import check_cancel
-from qviz.data import load_facts
+from qviz.data import load_facts, split_text
 from qviz.models.load import EMBEDDED
 from qviz.quant.config import QuantPlan
 from qviz.quant.memory import footprint
 from qviz.studies.evaluate import facts_of, next_token_stats, text_nll
 from qviz.studies.memory import plan_bits
-from qviz.studies.prescribe import split_text
 
 if TYPE_CHECKING:
     from qviz.lab import Lab

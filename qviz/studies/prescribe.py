@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 
 from qviz.cancel import check_cancel
-from qviz.data import load_facts, load_text
+from qviz.data import load_facts, load_text, split_text  # noqa: F401 (split_text: re-exported)
 from qviz.models.access import hidden_in
 from qviz.probes.hooks import attached
 from qviz.quant.config import QuantConfig, QuantPlan
@@ -54,15 +54,6 @@ SUFFIX_TOL = 1e-4  # max |log p| gap allowed between a suffix run and a full for
 
 
 # text ------------------------------------------------------------------------------------------
-def split_text(text: str | None = None, calib_fraction: float = 1 / 3) -> tuple[str, str]:
-    """(calibration, evaluation): the prose cut at the first paragraph break after
-    ``calib_fraction`` of its characters; the two parts share no character."""
-    text = text if text is not None else load_text()
-    at = text.find("\n\n", int(len(text) * calib_fraction))
-    at = at if at > 0 else int(len(text) * calib_fraction)
-    return text[:at], text[at:].lstrip("\n")
-
-
 def calibration_ids(lab: Lab, text: str, n_tokens: int, window: int) -> torch.Tensor:
     """input_ids [n_windows, window] of the first ``n_tokens`` tokens of ``text``."""
     ids = lab.tokenizer(text, return_tensors="pt").input_ids[0]
