@@ -149,10 +149,11 @@ class Backend:
         return rows
 
     # the budget plan (issue 17): prescription and the uniform plan of the same budget --------
-    def prescribe(self, budget: float, method: str, group_size, cancel=None):
+    def prescribe(self, budget: float, method: str, group_size, cancel=None, progress=None):
         """``lab.prescribe`` for the dashboard (no baselines, no greedy search, no check): the
         per-layer sensitivity of (method, group size) is measured once and reused by every
-        later budget, so only the first call spends the ~L x 4 forward passes."""
+        later budget, so only the first call spends the ~L x 4 forward passes
+        (``progress(done, total)`` after each of them)."""
         lab = self.lab
 
         def compute():
@@ -160,7 +161,7 @@ class Backend:
             kw = {"sensitivity": sens} if sens is not None else {}
             pres = lab.prescribe(
                 float(budget), methods=(method,), group_size=group_size, cancel=cancel,
-                baselines=False, greedy=False, check=False, **kw,
+                progress=progress, baselines=False, greedy=False, check=False, **kw,
             )  # fmt: skip
             self._cached(("sensitivity", method, group_size), lambda: pres.sensitivity)
             return pres

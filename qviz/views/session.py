@@ -167,23 +167,6 @@ class Progress:
         self.report(f"preparing {self.label}: layer {done}/{total}{eta} ...")
 
 
-class StepEvent(threading.Event):
-    """A job's cancel event that also counts its steps: each ``check_cancel`` asks ``is_set``
-    once, so ``on_step(steps)`` reports progress of work that takes no progress callback."""
-
-    def __init__(self, cancel: threading.Event, on_step: Callable[[int], None]) -> None:
-        super().__init__()
-        self._cancel, self._on_step, self.steps = cancel, on_step, 0
-
-    def is_set(self) -> bool:
-        self.steps += 1
-        self._on_step(self.steps)
-        return self._cancel.is_set()
-
-    def set(self) -> None:
-        self._cancel.set()
-
-
 class Controller:
     """Turns one session's settings into background work on the shared Backend.
 
@@ -350,17 +333,16 @@ class Controller:
         asked, asked2 = s.asked(), s.asked2()
         cancel = self._fresh_cancel("compare")
         say = self._start("compare", f"prescribing {budget:g} bits/weight ...")
-        total = self.backend.n_layers * 4  # sensitivity steps: layers x candidates (2, 3, 4, 8)
         t0 = time.monotonic()
 
-        def step(done: int) -> None:
-            if done < total and done % 2 == 0:
+        def step(done: int, total: int) -> None:  # prescribe's progress: sensitivity variants
+            if 0 < done < total:
                 eta = (time.monotonic() - t0) / done * (total - done)
                 say(f"prescribing {budget:g} bits/weight: sensitivity {done}/{total}, "
                     f"ETA {mmss(eta)} ...")  # fmt: skip
 
         def work():
-            pres = self.backend.prescribe(budget, method, group, cancel=StepEvent(cancel, step))
+            pres = self.backend.prescribe(budget, method, group, cancel=cancel, progress=step)
             uni = self.backend.uniform_within(budget, method, group)
             c1 = self._compare_one(pres.plan, prompt, target, cancel, say)
             c2 = None if uni is None else self._compare_one(uni[0], prompt, target, cancel, say)
