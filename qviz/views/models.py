@@ -225,10 +225,7 @@ class ModelPage(pn.viewable.Viewer):
             return
         if self.dashboard is not None:
             self._settings = {k: getattr(self.dashboard.state, k) for k in CARRIED}
-            self.dashboard.controller.close()
-            # the server's session-destroyed callback keeps the old controller alive: not its
-            # Lab, which must go when the registry drops it (a late job fails, unseen)
-            self.dashboard.controller.lab = None
+            self.dashboard.controller.close()  # cancels its work and lets go of its Lab
         for name in {self.model, self.wanted} - {None}:  # shown, or still loading for us
             self.registry.release(name, self)
         self.dashboard, self.model, self.wanted = None, None, model

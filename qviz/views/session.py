@@ -220,9 +220,12 @@ class Controller:
             self._cancel[kind].set()
 
     def close(self, *_args) -> None:
-        """The session is gone: cancel everything and ignore later requests."""
+        """The session is gone: cancel everything, ignore later requests and let go of the Lab
+        (the server's session-destroyed callback keeps a closed controller alive; its Lab must
+        be free to go, e.g. when the served app's registry drops that model)."""
         self._closed = True
         self.cancel()
+        self.lab = None
 
     def _set_busy(self, kind: str, busy: bool, status: str | None = None) -> None:
         self._busy[kind] = busy
@@ -396,8 +399,10 @@ class Controller:
         """Run the causal-tracing sweep of the current settings (the budget plan: the
         prescribed plan shown) in the background."""
         s = self.state
+        if self._closed:
+            return
         plan = s.budget_result[0].plan if s.budget_on and s.budget_result else self._plan()
-        if plan is None or self._closed:
+        if plan is None:
             return
         prompt, target, comp = s.prompt, s.target, s.component
         cancel = self._fresh_cancel("trace")
