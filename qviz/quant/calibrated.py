@@ -27,6 +27,22 @@ def _token_ids(tokenizer, text: str, vocab_size: int | None) -> list[int]:
     return list(tokenizer(text)["input_ids"])
 
 
+def model_tokenizer(model: nn.Module, tokenizer=None):
+    """``tokenizer``, else the one saved beside ``model`` (its config's ``_name_or_path``, local
+    files only), else None (calibration then uses byte-level ids)."""
+    if tokenizer is not None:
+        return tokenizer
+    path = getattr(getattr(model, "config", None), "_name_or_path", "")
+    if not path:
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception:  # no tokenizer at hand: byte-level calibration ids
+        return None
+
+
 def calibration_ids(
     tokenizer,
     text: str | None = None,

@@ -97,7 +97,7 @@ def _stamp(t: Target, w: torch.Tensor) -> tuple[int, int]:
     return w.data_ptr(), t.param._version
 
 
-def _by_method(items) -> dict[Method, list]:
+def by_method(items) -> dict[Method, list]:
     """The plan's (target, config, original) items grouped by method, uncalibrated ones first."""
     groups: dict[Method, list] = {}
     for item in items:
@@ -200,7 +200,7 @@ class QuantEngine:
                     self._cache.move_to_end(plan)
                     self._evict()
                     return self._cache[plan]
-                groups = _by_method(items)
+                groups = by_method(items)
                 if not any(m.calibrated for m in groups):
                     weights = {}
                     for method, its in groups.items():
@@ -301,15 +301,9 @@ class QuantEngine:
             self._sizes.clear()
 
     def _calibration_tokenizer(self):
-        if self.tokenizer is None:
-            path = getattr(getattr(self.model, "config", None), "_name_or_path", "")
-            if path:
-                try:
-                    from transformers import AutoTokenizer
+        from qviz.quant.calibrated import model_tokenizer
 
-                    self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-                except Exception:  # no tokenizer at hand: byte-level calibration ids
-                    self.tokenizer = None
+        self.tokenizer = model_tokenizer(self.model, self.tokenizer)
         return self.tokenizer
 
     # prefetch ---------------------------------------------------------------------------------

@@ -148,18 +148,6 @@ def _with_originals(model: nn.Module, items) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _tokenizer(model: nn.Module, tokenizer):
-    if tokenizer is not None:
-        return tokenizer
-    path = getattr(getattr(model, "config", None), "_name_or_path", "")
-    try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(path, local_files_only=True) if path else None
-    except Exception:  # no tokenizer at hand: byte-level calibration ids
-        return None
-
-
 def calibration_importance(
     model: nn.Module, adapter, tokenizer=None, items=()
 ) -> dict[str, torch.Tensor]:
@@ -168,14 +156,14 @@ def calibration_importance(
     model weights and calibration tokens. ``items``: a Request's (target, config, original)
     triples, whose original weights are used when a plan is swapped in."""
     from qviz.data import split_text
-    from qviz.quant.calibrated import calibration_ids, model_fingerprint
+    from qviz.quant.calibrated import calibration_ids, model_fingerprint, model_tokenizer
     from qviz.quant.gptq import importance_matrix
 
     fp = _with_originals(model, items)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     n_seq, seq_len = IMATRIX_WINDOWS
     ids = calibration_ids(
-        _tokenizer(model, tokenizer), split_text()[0], n_seq, seq_len, vocab_size=vocab
+        model_tokenizer(model, tokenizer), split_text()[0], n_seq, seq_len, vocab_size=vocab
     )
     ids_sha = hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16]
     key = f"{model_fingerprint(fp)}-{ids_sha}"

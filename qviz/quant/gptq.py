@@ -325,7 +325,7 @@ def others(
     materialized by its own method (on ``model``'s weights, its disk cache included): whatever
     the order in which the engine runs a mixed plan's methods (a slow HQQ or GGUF share may come
     after GPTQ), GPTQ calibrates on the plan's real inputs, never on full-precision layers."""
-    from qviz.quant.engine import _by_method, targets
+    from qviz.quant.engine import by_method, targets
 
     need = [
         (t, c, t.param.data)
@@ -333,7 +333,7 @@ def others(
         if t.layer >= 0 and t.name not in done and not isinstance(METHODS[c.method], GPTQ)
     ]
     out = dict(done)
-    for method, its in _by_method(need).items():
+    for method, its in by_method(need).items():
         req = Request(model, adapter, plan, its, dict(out), tokenizer, cancel, progress=progress)
         out.update(method.materialize(req))
     return out
