@@ -192,19 +192,7 @@ def test_imatrix_lowers_the_activation_weighted_error_on_smollm2(embedded):
 
 def _wide_llama(seed: int = 0):
     """A tiny Llama whose Linears are 256 or 512 wide, so Q2_K is used itself (no fallback)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=97,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    return LlamaForCausalLM(cfg).eval().requires_grad_(False)
+    return tiny_llama(seed, hidden=256, intermediate=512, layers=2, positions=256)
 
 
 def _calibration_imatrix(model):
