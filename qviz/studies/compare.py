@@ -209,7 +209,7 @@ def isolation_of(ref: torch.Tensor, q_out: torch.Tensor, label: str) -> Isolatio
     for i in range(len(q_out)):
         inp, r, q = ref[i : i + 1], ref[i + 1 : i + 2], q_out[i : i + 1]
         out.append((*metrics.residual_drift(r, q), *metrics.residual_drift(r - inp, q - inp)))
-    cos, rel, dcos, drel = (torch.cat(x).numpy() for x in zip(*out, strict=True))
+    cos, rel, dcos, drel = (torch.cat(x).cpu().numpy() for x in zip(*out, strict=True))
     return Isolation(cos, rel, label, delta_cosine=dcos, delta_rel_error=drel)
 
 
