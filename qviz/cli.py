@@ -48,9 +48,9 @@ def diagnose_rows(lab, methods, bits, group_size, prompt, target, ppl_text=None)
     """One row per (method, bit-width) plan, full precision first: verdict, CKA diagonal (the
     dashboard's pooled context), answer rank and probability, bits/weight of the decoder
     Linears, MiB of every weight matrix (and perplexity of ``ppl_text`` when given)."""
+    from qviz.lab import CKA_CONTEXT
     from qviz.quant import QuantPlan, footprint
     from qviz.report import report_plans
-    from qviz.views.backend import CKA_CONTEXT
 
     rows = []
     plans = {("-", 16): QuantPlan.none(), **report_plans(methods, bits, group_size)}

@@ -33,6 +33,10 @@ from qviz.studies import tracing as _tracing
 
 ACTS_BUDGET = int(os.environ.get("QVIZ_ACTS_BYTES", 1 << 30))  # Lab activation cache, bytes
 MAX_PROMPT_TOKENS = 1024
+# bundled prompts pooled with the user's for the CKA map (first position left out) by the
+# dashboard, ``qviz diagnose`` and the report: with one prompt and every token, linear CKA stays
+# bright even at 2 bits (issue 12, README)
+CKA_CONTEXT = 32
 
 
 def nbytes(obj) -> int:

@@ -167,9 +167,9 @@ def build_report(
     from bokeh.models import Div
     from bokeh.resources import INLINE
 
+    from qviz.lab import CKA_CONTEXT
     from qviz.quant.config import QuantPlan
     from qviz.views import plots, text
-    from qviz.views.backend import CKA_CONTEXT
     from qviz.views.components import arrange
 
     plans = report_plans(methods, bits, group_size)

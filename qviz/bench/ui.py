@@ -81,7 +81,7 @@ def bench_ui_uncached(model_name: str = "smollm2-135m", moves: int = 8) -> dict:
     prefetched while idle (``Lab.prefetch``, as the dashboard would for the neighbouring
     bit-widths). Target: median <= 1 s."""
     from qviz import Lab, QuantConfig, QuantPlan
-    from qviz.views.backend import CKA_CONTEXT
+    from qviz.lab import CKA_CONTEXT
 
     lab = Lab.load(model_name)
     prompt, target = "The Eiffel Tower is located in the city of", " Paris"

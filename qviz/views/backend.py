@@ -20,6 +20,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 
+from qviz.lab import CKA_CONTEXT
 from qviz.quant.config import QuantConfig, QuantPlan
 from qviz.results import Comparison, PatchGrid
 from qviz.views.state import DashboardState
@@ -33,11 +34,6 @@ def call_with_cancel(fn: Callable, *args, cancel: threading.Event | None = None,
     if cancel is not None and "cancel" in inspect.signature(fn).parameters:
         kw["cancel"] = cancel
     return fn(*args, **kw)
-
-
-# bundled prompts pooled with the user's for the CKA map (first position left out): with one
-# prompt and every token, linear CKA stays bright even at 2 bits (issue 12, README)
-CKA_CONTEXT = 32
 
 
 class Backend:
