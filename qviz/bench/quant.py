@@ -31,6 +31,10 @@ def quant_figures(model, bits=(2, 3, 4, 8), group_size: int = 128, repeat: int =
             w = t.param.data
             fused.prepare(w.t() if t.layout == "in_out" else w, cfg)
     fused.wait()
+    for plan in plans.values():  # on a GPU: queues the stacked layouts (``rtn.stacks_on``)
+        engine.materialize(plan)
+    engine.clear()
+    fused.wait()
     compile_s = time.perf_counter() - t0
     st = fused.status()
     state = "broken: " + st["broken"] if st["broken"] else f"{st['ready']} layouts ready"
