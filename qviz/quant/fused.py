@@ -20,8 +20,9 @@ caller's thread never compiles: the kernel runs under ``set_stance("fail_on_reco
 outside inference mode), and a guard that fails there (e.g. an inference tensor) means eager.
 Compiled kernels persist in inductor's on-disk cache, so a later process compiles in seconds.
 
-``QVIZ_FUSED=0`` forces the eager path (debugging). Written device-agnostic; on CUDA it is
-untested (the self-check above keeps a mismatching kernel out).
+``QVIZ_FUSED=0`` forces the eager path (debugging). On CUDA, Triton's kernel is compiled with
+``eager_numerics()`` (IEEE division, no FMA contraction) so that it can pass the same check;
+tests/test_cuda.py runs it where a GPU is.
 """
 
 from __future__ import annotations
@@ -94,6 +95,22 @@ def _scalars(bits: int, symmetric: bool, device: torch.device):
     )
 
 
+def eager_numerics() -> dict:
+    """Inductor options that keep a Triton kernel's float32 arithmetic that of eager CUDA kernels:
+    division rounded to nearest (Triton's ``/`` is the approximate ``div.full``) and no mul+add
+    contracted into one FMA (``emulate_precision_casts`` turns Triton's fp fusion off). Only
+    the options this torch knows (their names moved between releases)."""
+    from torch._inductor import config
+
+    known = config.get_config_copy()
+    wanted = (
+        "emulate_precision_casts",
+        "eager_numerics.division_rounding",
+        "emulate_divison_rounding",  # its name before eager_numerics (sic)
+    )
+    return {k: True for k in wanted if k in known}
+
+
 class _Fused:
     """The process's compiled kernel, its checked keys, and the background worker."""
 
@@ -118,7 +135,8 @@ class _Fused:
         sends a layout back to eager, and no shape goes dynamic (slower kernels)."""
         if key not in self.compiled:
             fn = types.FunctionType(_kernel.__code__.replace(), _kernel.__globals__, "_kernel")
-            self.compiled[key] = torch.compile(fn, dynamic=False)
+            opts = eager_numerics() if key[3].startswith("cuda") else {}
+            self.compiled[key] = torch.compile(fn, dynamic=False, options=opts or None)
         return self.compiled[key]
 
     def scalars_for(self, bits: int, symmetric: bool, device: torch.device):
