@@ -33,3 +33,35 @@ def test_bound_heap_sets_the_mmap_threshold_once():
 
     assert bound_heap() is True
     assert bound_heap() is True  # once per process: the second call changes nothing
+
+
+def test_reference_keeps_maps_of_short_prompts_and_inputs_of_long_ones():
+    """A short prompt's reference capture keeps its maps (no recomputation under the plan), a
+    long one's the attention inputs; in one batch, both give the JS and entropy of the full maps
+    of separate runs (float64)."""
+    import torch
+
+    from qviz import metrics
+    from qviz.probes.capture import capture
+
+    lab = Lab(tiny_llama(), CharTokenizer())
+    for layer in lab.adapter.decoder_layers(lab.model):  # sharper maps than a random init's
+        for w in layer.get_submodule(lab.adapter.attn).parameters():
+            w.data.mul_(6.0)
+    cfg = lab.model.config
+    limit = cfg.hidden_size // cfg.num_attention_heads  # longest prompt whose maps are kept
+    short, long = "abcdefghij"[: limit - 2], ("klmnopqrstuvwxyz" * 8)[: limit + 5]
+    refs = compare_mod.activations_many(lab, [short, long], QuantPlan.none())
+    assert refs[0].attn is not None and refs[0].attn_in is None
+    assert refs[1].attn is None and refs[1].attn_in is not None
+    cmp = compare_mod.compare_many(lab, [short, long], 5, PLAN, isolation=False)
+    for p, got in zip([short, long], cmp, strict=True):
+        with lab.quantized(QuantPlan.none()):
+            r = capture(lab.model, lab.adapter, lab.encode(p), ("attn",)).attn
+        with lab.quantized(PLAN):
+            q = capture(lab.model, lab.adapter, lab.encode(p), ("attn",)).attn
+        want_js = metrics.js_divergence(r, q, torch.float64).numpy()
+        np.testing.assert_allclose(got.attention.js, want_js, atol=1e-6, rtol=1e-3)
+        want_ent = metrics.normalized_entropy(q, torch.float64).numpy()
+        np.testing.assert_allclose(got.attention.quant_entropy, want_ent, atol=1e-5)
+        assert want_js.max() > 1e-3  # the plan does move the maps
