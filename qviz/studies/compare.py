@@ -163,8 +163,9 @@ def activations_many(
     lab: Lab, prompts: Sequence[str], plan: QuantPlan, max_tokens: int = BATCH_TOKENS
 ) -> list[Capture]:
     """``activations`` of each prompt; the ones not cached run in left-padded batches of at
-    most ``max_tokens`` padded tokens (one forward per batch, equal to one-prompt forwards up
-    to float rounding)."""
+    most ``max_tokens`` padded tokens, a new batch rather than pad the rows already in one by
+    more than ``PAD_TOKENS`` at once (one forward per batch, equal to one-prompt forwards up to
+    float rounding)."""
     key = weights_key(lab)
     found: dict[str, Capture] = {}
     for p in dict.fromkeys(prompts):
@@ -324,7 +325,8 @@ def compare_many(
 ) -> list[Comparison]:
     """``compare(prompts[i], targets[i], plan, **options)`` for every i (``targets``: one for
     all or one per prompt), the forwards, logit lenses and isolation tests of all prompts
-    batched (one left-padded forward per plan and per batch of ``BATCH_TOKENS`` tokens)."""
+    batched (one left-padded forward per plan and per batch of at most ``BATCH_TOKENS`` tokens,
+    a new batch rather than pad the rows already in one by more than ``PAD_TOKENS`` at once)."""
     prompts = list(prompts)
     targets = _targets(targets, len(prompts))
     if not prompts:
