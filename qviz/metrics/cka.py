@@ -44,39 +44,76 @@ def _grams(x: list[Tensor] | Tensor) -> tuple[Tensor, Tensor]:
     return x @ x.transpose(1, 2), moment
 
 
-def _centered(x: Tensor) -> tuple[Tensor, Tensor]:
-    """[L, N, D] -> (feature-centered float64 [L, N, D], raw second moment [L])."""
-    if x.dim() == 2:
-        x = x.unsqueeze(0)
-    if x.dim() != 3:
-        raise ValueError(f"expected activations [L, N, D], got shape {tuple(x.shape)}")
-    x = x.detach().to(torch.float64, copy=True)  # one float64 copy, centered in place
-    moment = torch.stack([(xl.flatten() @ xl.flatten()) / xl.shape[0] for xl in x])
-    x -= x.mean(dim=1, keepdim=True)
-    return x, moment
+class _Centered:
+    """Activations [L, N, D] (any float dtype, kept as given) read one feature-centered float64
+    layer [N, D] at a time: no float64 copy of all L layers (at 1,024 tokens x 31 layers that
+    copy was ~0.15 GB per side). Also each layer's raw second moment mean_i ||x_i||^2 [L]."""
+
+    def __init__(self, x: Tensor) -> None:
+        if x.dim() == 2:
+            x = x.unsqueeze(0)
+        if x.dim() != 3:
+            raise ValueError(f"expected activations [L, N, D], got shape {tuple(x.shape)}")
+        self.x = x.detach()
+        self.n = x.shape[1]
+        means, moments = [], []
+        for xl in self.x:
+            xl = xl.to(torch.float64)
+            means.append(xl.mean(dim=0))
+            moments.append(xl.flatten() @ xl.flatten() / self.n)
+        self.mean, self.moment = torch.stack(means), torch.stack(moments)
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def layer(self, i: int, device: torch.device) -> Tensor:
+        """Layer ``i`` feature-centered in float64 on ``device``: [N, D]."""
+        xl = self.x[i].to(device, torch.float64, copy=True)
+        xl -= self.mean[i].to(device)
+        return xl
+
+    def gram_rows(self, r0: int, r1: int, device: torch.device) -> Tensor:
+        """Rows r0:r1 of every layer's centered Gram matrix: float64 [L, r1 - r0, N]."""
+        out = torch.empty(len(self), r1 - r0, self.n, dtype=torch.float64, device=device)
+        for i in range(len(self)):
+            xl = self.layer(i, device)
+            torch.matmul(xl[r0:r1], xl.T, out=out[i])
+        return out
 
 
 def _biased_blocked(
-    xc: Tensor, yc: Tensor, block: int, with_reference: bool
+    xc: _Centered, yc: _Centered, block: int, with_reference: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Biased HSIC of every pair, the Gram matrices built ``block`` rows at a time:
     (cross [La, Lb], self x [La], self y [Lb], x-vs-x [La, La] or None), memory O(L block N)
-    instead of O(L N^2)."""
-    n = xc.shape[1]
-    cross = xc.new_zeros(xc.shape[0], yc.shape[0])
-    ref = xc.new_zeros(xc.shape[0], xc.shape[0]) if with_reference else None
-    sx, sy = xc.new_zeros(xc.shape[0]), xc.new_zeros(yc.shape[0])
+    instead of O(L N^2), each layer centered in float64 only while its rows are built."""
+    n, dev = xc.n, xc.x.device
+    cross = torch.zeros(len(xc), len(yc), dtype=torch.float64, device=dev)
+    ref = torch.zeros(len(xc), len(xc), dtype=torch.float64, device=dev) if with_reference else None
+    sx = torch.zeros(len(xc), dtype=torch.float64, device=dev)
+    sy = torch.zeros(len(yc), dtype=torch.float64, device=dev)
     for r0 in range(0, n, block):
-        kx = xc[:, r0 : r0 + block] @ xc.transpose(1, 2)  # rows r0.. of each Gram [La, b, N]
-        ky = yc[:, r0 : r0 + block] @ yc.transpose(1, 2)
-        fx, fy = kx.flatten(1), ky.flatten(1)  # [La, b N], [Lb, b N]
+        r1 = min(n, r0 + block)
+        fx = xc.gram_rows(r0, r1, dev).flatten(1)  # rows r0.. of each Gram, flat [La, b N]
+        fy = yc.gram_rows(r0, r1, dev).flatten(1)  # [Lb, b N]
         cross += fx @ fy.T
         if ref is not None:
             ref += fx @ fx.T
-        sx += (fx * fx).sum(dim=1)
-        sy += (fy * fy).sum(dim=1)
+        sx += torch.einsum("ij,ij->i", fx, fx)  # no [L, b N] temporary
+        sy += torch.einsum("ij,ij->i", fy, fy)
+        del fx, fy
     d = (n - 1) ** 2
     return cross / d, sx / d, sy / d, None if ref is None else ref / d
+
+
+def _paired(ref: Tensor, quant: Tensor) -> tuple[_Centered, _Centered]:
+    xc, yc = _Centered(ref), _Centered(quant)
+    if xc.n != yc.n:
+        raise ValueError(f"ref has {xc.n} samples but quant has {yc.n}")
+    if xc.n < 2:
+        raise ValueError(f"CKA needs n >= 2 samples, got n={xc.n}")
+    yc.mean, yc.moment = yc.mean.to(xc.x.device), yc.moment.to(xc.x.device)
+    return xc, yc
 
 
 def _normalize(cross: Tensor, sx, sy, mx, my, warn: bool = True) -> Tensor:
@@ -100,12 +137,9 @@ def cka_with_reference(ref: Tensor, quant: Tensor, block: int = 128) -> tuple[Te
     Returns (float64 [La, Lb], float64 [La, La]); equal to ``cka_matrix(ref, quant)`` and
     ``cka_matrix(ref, ref)`` up to float64 round-off.
     """
-    (xc, mx), (yc, my) = _centered(ref), _centered(quant)
-    if xc.shape[1] != yc.shape[1]:
-        raise ValueError(f"ref has {xc.shape[1]} samples but quant has {yc.shape[1]}")
-    if xc.shape[1] < 2:
-        raise ValueError(f"CKA needs n >= 2 samples, got n={xc.shape[1]}")
-    cross, sx, sy, rr = _biased_blocked(xc, yc.to(xc.device), block, with_reference=True)
+    xc, yc = _paired(ref, quant)
+    cross, sx, sy, rr = _biased_blocked(xc, yc, block, with_reference=True)
+    mx, my = xc.moment, yc.moment
     return _normalize(cross, sx, sy, mx, my), _normalize(rr, sx, sx, mx, mx, warn=False)
 
 
@@ -162,13 +196,9 @@ def cka_matrix(
     if estimator not in ("biased", "unbiased"):
         raise ValueError(f"estimator must be 'biased' or 'unbiased', got {estimator!r}")
     if estimator == "biased" and isinstance(ref, Tensor) and isinstance(quant, Tensor):
-        (xc, mx), (yc, my) = _centered(ref), _centered(quant)
-        if xc.shape[1] != yc.shape[1]:
-            raise ValueError(f"ref has {xc.shape[1]} samples but quant has {yc.shape[1]}")
-        if xc.shape[1] < 2:
-            raise ValueError(f"CKA needs n >= 2 samples, got n={xc.shape[1]}")
-        cross, sx, sy, _ = _biased_blocked(xc, yc.to(xc.device), 128, with_reference=False)
-        return _normalize(cross, sx, sy, mx, my)
+        xc, yc = _paired(ref, quant)
+        cross, sx, sy, _ = _biased_blocked(xc, yc, 128, with_reference=False)
+        return _normalize(cross, sx, sy, xc.moment, yc.moment)
     (kx, mx), (ky, my) = _grams(ref), _grams(quant)
     if kx.shape[1] != ky.shape[1]:
         raise ValueError(f"ref has {kx.shape[1]} samples but quant has {ky.shape[1]}")

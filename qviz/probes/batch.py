@@ -7,14 +7,23 @@ from collections.abc import Iterator, Sequence
 import torch
 
 
-def length_batches(lengths: Sequence[int], max_tokens: int = 4096) -> Iterator[list[int]]:
+def length_batches(
+    lengths: Sequence[int], max_tokens: int = 4096, max_pad: int | None = None
+) -> Iterator[list[int]]:
     """Indices grouped into batches, shortest first, each at most ``max_tokens`` padded tokens
-    (a batch is as wide as its longest prompt; a prompt longer than the limit goes alone)."""
+    (a batch is as wide as its longest prompt; a prompt longer than the limit goes alone).
+
+    ``max_pad``: also start a new batch when taking the next (longer) prompt would add more than
+    ``max_pad`` padding tokens to the rows already in the batch (padding costs the Linears as
+    much as real tokens do; one more forward costs about a fixed number of tokens)."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     start = 0
     while start < len(order):
         stop = start + 1
         while stop < len(order) and (stop - start + 1) * lengths[order[stop]] <= max_tokens:
+            grow = (stop - start) * (lengths[order[stop]] - lengths[order[stop - 1]])
+            if max_pad is not None and grow > max_pad:
+                break
             stop += 1
         yield order[start:stop]
         start = stop

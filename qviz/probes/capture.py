@@ -10,6 +10,10 @@ maps of one layer only.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,7 +23,14 @@ from torch import nn
 
 from qviz.models.arch import Adapter
 from qviz.probes.batch import left_pad
-from qviz.probes.hooks import attached, feed_inputs, hidden_in, record_outputs, with_hidden_in
+from qviz.probes.hooks import (
+    attached,
+    feed_inputs,
+    hidden_in,
+    hidden_out,
+    record_outputs,
+    with_hidden_in,
+)
 
 WHAT = ("resid", "attn", "gate", "mlp_out", "attn_in", "attn_stats")
 DEFAULT = ("resid", "gate", "mlp_out", "attn_stats")
@@ -99,6 +110,52 @@ def eager_attention(model: nn.Module, on: bool = True) -> Iterator[None]:
             cfg._attn_implementation = old
 
 
+MMAP_THRESHOLD = int(os.environ.get("QVIZ_MMAP_THRESHOLD", 1 << 20))
+_heap_bounded = False
+
+
+def bound_heap(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Ask glibc's malloc to serve every block of ``threshold`` bytes or more (1 MiB by default;
+    ``QVIZ_MMAP_THRESHOLD``, 0 = leave malloc alone) from its own mapping, returned to the
+    system when freed, once per process; True when set.
+
+    By default glibc raises that threshold to the largest block freed so far (up to 32 MiB), so
+    a long prompt's per-layer temporaries (2-40 MB each) land in the heap, where small tensors
+    kept alive in between fragment it: at 1,024 tokens ``compare`` kept ~0.3 GiB of freed
+    memory resident. Linux/glibc only; elsewhere a no-op."""
+    global _heap_bounded
+    if _heap_bounded or threshold <= 0 or not sys.platform.startswith("linux"):
+        return _heap_bounded
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        _heap_bounded = bool(libc.mallopt(-3, int(threshold)))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        _heap_bounded = False
+    return _heap_bounded
+
+
+class _Slots:
+    """Per-layer tensors copied, as the forward reaches each layer, into one preallocated tensor
+    [n, ...] (float32 on the CPU, or ``dtype=None``: the tensors' own dtype and device), never a
+    list of n tensors stacked afterwards (that held both at once)."""
+
+    def __init__(self, n: int, dtype: torch.dtype | None = torch.float32) -> None:
+        self.n, self.dtype, self.out, self.seen = n, dtype, None, set()
+
+    def put(self, i: int, t: torch.Tensor) -> None:
+        t = t.detach()
+        if self.out is None:
+            kw = {"dtype": self.dtype, "device": "cpu"} if self.dtype else {}
+            self.out = t.new_empty((self.n, *t.shape), **kw)
+        self.out[i].copy_(t)
+        self.seen.add(i)
+
+    def full(self, name: str) -> torch.Tensor:
+        if len(self.seen) != self.n:
+            raise RuntimeError(f"capturing {name!r}: {self.n - len(self.seen)} layers never ran")
+        return self.out
+
+
 def _probs(out, adapter: Adapter, i: int) -> torch.Tensor:
     if not (isinstance(out, tuple) and len(out) > 1 and out[1] is not None):
         raise RuntimeError(f"{adapter.attn} of layer {i} returned no probabilities")
@@ -116,6 +173,7 @@ def _capture(
 ) -> Capture:
     """One forward of ``input_ids`` [B, W]; the Capture's tensors keep the batch dimension
     (resid [L+1, B, W, D], logits [B, V], ...)."""
+    bound_heap()
     bad = set(what) - set(WHAT)
     if bad:
         raise ValueError(f"cannot capture {sorted(bad)}; choose from {WHAT}")
@@ -123,21 +181,17 @@ def _capture(
         raise ValueError("capturing 'attn_stats' needs an on_attention callback")
     layers = adapter.decoder_layers(model)
     attns = [layer.get_submodule(adapter.attn) for layer in layers]
-    store: dict[str, list] = {k: [None] * len(layers) for k in ("attn", "gate", "attn_in")}
-    first_in: list[torch.Tensor] = []
-
-    def keep(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().float().cpu()
+    n = len(layers)
+    slots = {k: _Slots(n + (k == "resid")) for k in ("resid", "attn", "gate", "mlp_out", "attn_in")}
 
     def gate_fn(t: torch.Tensor) -> torch.Tensor:
-        g = keep(t)
-        return g[..., : g.shape[-1] // 2] if adapter.gate_fused else g
+        return t[..., : t.shape[-1] // 2] if adapter.gate_fused else t
 
     def attn_hook(i):
         def hook(mod, args, kwargs, out):
             probs = _probs(out, adapter, i)
             if "attn" in what:
-                store["attn"][i] = keep(probs)
+                slots["attn"].put(i, probs)
             if "attn_stats" in what:
                 ref = None
                 if reference is not None:
@@ -152,42 +206,37 @@ def _capture(
 
         return hook
 
-    def attn_in_hook(i):
-        def pre(mod, args, kwargs):
-            store["attn_in"][i] = keep(hidden_in(args, kwargs))
+    def record(field, i, fn=None, pre=False):
+        def pre_hook(mod, args, kwargs):
+            slots[field].put(i, hidden_in(args, kwargs))
 
-        return pre
+        def post_hook(mod, args, out):
+            x = hidden_out(out)
+            slots[field].put(i, fn(x) if fn is not None else x)
+
+        return pre_hook if pre else post_hook
 
     want_maps = "attn" in what or "attn_stats" in what
-    resid_mods = layers if "resid" in what else []
-    gate_mods = [ly.get_submodule(adapter.gate) for ly in layers] if "gate" in what else []
-    mlp_mods = [ly.get_submodule(adapter.mlp) for ly in layers] if "mlp_out" in what else []
-    with (
-        attached() as h,
-        record_outputs(resid_mods, keep) as resid,
-        record_outputs(gate_mods, gate_fn) as gate,
-        record_outputs(mlp_mods, keep) as mlp_out,
-    ):
+    with attached() as h:
         if "resid" in what:
-            h.pre(layers[0], lambda m, a, kw: first_in.append(keep(hidden_in(a, kw))))
-        for i, mod in enumerate(attns):
+            h.pre(layers[0], record("resid", 0, pre=True))
+        for i, layer in enumerate(layers):
+            if "resid" in what:
+                h.post(layer, record("resid", i + 1))
+            if "gate" in what:
+                h.post(layer.get_submodule(adapter.gate), record("gate", i, gate_fn))
+            if "mlp_out" in what:
+                h.post(layer.get_submodule(adapter.mlp), record("mlp_out", i))
             if want_maps:
-                h.post(mod, attn_hook(i), with_kwargs=True)
+                h.post(attns[i], attn_hook(i), with_kwargs=True)
             if "attn_in" in what:
-                h.pre(mod, attn_in_hook(i))
+                h.pre(attns[i], record("attn_in", i, pre=True))
         with eager_attention(model, want_maps), torch.no_grad():
             out = model(input_ids, use_cache=False, logits_to_keep=1, **forward_kw)
     result = Capture(logits=out.logits.detach()[:, -1].float().cpu())
-    if "resid" in what:
-        result.resid = torch.stack([first_in[0], *resid])
-    if "attn" in what:
-        result.attn = torch.stack(store["attn"])
-    if "gate" in what:
-        result.gate = torch.stack(gate)
-    if "mlp_out" in what:
-        result.mlp_out = torch.stack(mlp_out)
-    if "attn_in" in what:
-        result.attn_in = torch.stack(store["attn_in"])
+    for f in FIELDS:
+        if f in what:
+            setattr(result, f, slots[f].full(f))
     return result
 
 
@@ -285,13 +334,24 @@ def isolated_outputs(
     give [L, B, W, D]."""
     layers = adapter.decoder_layers(model)
     one = inputs[0].dim() == 2
+    outs = _Slots(len(layers), dtype=None)
+
+    def keep(i):
+        def hook(mod, args, out):
+            x = hidden_out(out)
+            outs.put(i, x[0] if one else x)
+
+        return hook
+
     with (
         feed_inputs(layers, [x[None] if one else x for x in inputs]),
-        record_outputs(layers, lambda x: x[0] if one else x) as outs,
+        attached() as h,
         torch.no_grad(),
     ):
+        for i, layer in enumerate(layers):
+            h.post(layer, keep(i))
         model(input_ids, use_cache=False, logits_to_keep=1, **forward_kw)
-    return torch.stack(outs)
+    return outs.full("isolated outputs")
 
 
 __all__ = [

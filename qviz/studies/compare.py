@@ -42,6 +42,9 @@ if TYPE_CHECKING:
     from qviz.lab import Lab
 
 BATCH_TOKENS = 512  # padded tokens per batched capture: ~0.4 MB of activations per token
+PAD_TOKENS = 32  # padding worth one more forward (see length_batches' max_pad)
+LAYER_ELEMENTS = 1 << 21  # activation elements per call of a float64 per-layer metric (16 MB)
+STATS_ELEMENTS = 1 << 20  # attention-map elements per entropy/JS call (4 MB in float32)
 
 
 def weights_key(lab: Lab) -> str:
@@ -53,18 +56,54 @@ def weights_key(lab: Lab) -> str:
     return hashlib.blake2b(np.asarray(pairs, dtype=np.int64).tobytes(), digest_size=16).hexdigest()
 
 
-def _stats_of(lengths: list[int], ent: list, js: list):
+def _keeps_maps(lab: Lab, n_tokens: int) -> bool:
+    """Whether a reference capture of ``n_tokens`` keeps its attention maps [L, H, T, T] rather
+    than the attention inputs [L, T, D]: when T H <= D, the maps are no larger, and the
+    quantized run then needs no recomputation of the reference's attention (its q/k/v/o
+    projections: a quarter of a forward's Linear work)."""
+    cfg = lab.model.config
+    return n_tokens * cfg.num_attention_heads <= cfg.hidden_size
+
+
+def _stats_of(lengths: list[int], ent: list, js: list, ref_maps: list | None = None):
     """An ``on_attention`` callback filling per-prompt entropy and JS [L, H] of a left-padded
-    batch (row b's maps: its last n_b queries and keys)."""
+    batch (row b's maps: its last n_b queries and keys; neighbouring rows of one length in one
+    call). The reference maps of row b are ``ref_maps[b][layer]`` [H, n_b, n_b] where every row
+    of its run has them, else the recomputed ones."""
+
+    def put(out: list, b0: int, i: int, hs: slice, values: torch.Tensor) -> None:
+        for b, v in enumerate(values.cpu().numpy(), start=b0):
+            out[b][i, hs] = v
+
+    runs: list[tuple[int, int]] = []  # rows of equal length next to each other: one call each
+    for b, n in enumerate(lengths):
+        if runs and lengths[runs[-1][0]] == n:
+            runs[-1] = (runs[-1][0], b + 1)
+        else:
+            runs.append((b, b + 1))
 
     def stats(i: int, probs: torch.Tensor, ref: torch.Tensor | None) -> None:
-        width = probs.shape[-1]
-        for b, n in enumerate(lengths):
-            p = probs[b : b + 1, :, width - n :, width - n :]
-            ent[b][i] = metrics.normalized_entropy(p)[0].cpu().numpy()
-            if ref is not None:
-                r = ref[b : b + 1, :, width - n :, width - n :]
-                js[b][i] = metrics.js_divergence(r, p)[0].cpu().numpy()
+        width, heads = probs.shape[-1], probs.shape[1]
+        for b0, b1 in runs:
+            n = lengths[b0]
+            own = slice(width - n, None)
+            kept = None
+            if ref_maps is not None and all(ref_maps[b] is not None for b in range(b0, b1)):
+                kept = torch.stack([ref_maps[b][i] for b in range(b0, b1)])
+            # a few heads at a time: the metrics' float32 temporaries (~5 maps for JS) stay at
+            # ~STATS_ELEMENTS each instead of [rows, H, n, n] (at 1,024 tokens 38 MB apiece)
+            step = max(1, STATS_ELEMENTS // ((b1 - b0) * n * n))
+            for h0 in range(0, heads, step):
+                hs = slice(h0, h0 + step)
+                p = probs[b0:b1, hs, own, own]
+                put(ent, b0, i, hs, metrics.normalized_entropy(p))
+                if kept is not None:
+                    r = kept[:, hs]
+                elif ref is not None:
+                    r = ref[b0:b1, hs, own, own]
+                else:
+                    continue
+                put(js, b0, i, hs, metrics.js_divergence(r, p))
 
     return stats
 
@@ -76,11 +115,19 @@ def _capture_batch(lab: Lab, prompts: list[str], plan: QuantPlan, key: tuple) ->
     n, h = lab.n_layers, lab.model.config.num_attention_heads
     ent = [np.zeros((n, h), dtype=np.float32) for _ in prompts]
     js = [np.zeros((n, h), dtype=np.float32) for _ in prompts]
-    stats = _stats_of(lengths, ent, js)
     if plan == QuantPlan.none():
+        maps = [_keeps_maps(lab, t) for t in lengths]
+        what = ("resid", "gate", "mlp_out", "attn_stats")
+        what += ("attn",) * any(maps) + ("attn_in",) * (not all(maps))
         with lab.engine.quantized(plan):
-            what = ("resid", "gate", "mlp_out", "attn_in", "attn_stats")
-            caps = capture_batch(lab.model, lab.adapter, seqs, what, on_attention=stats)
+            caps = capture_batch(
+                lab.model, lab.adapter, seqs, what, on_attention=_stats_of(lengths, ent, js)
+            )
+        for cap, keep in zip(caps, maps, strict=True):  # each keeps one of the two
+            if keep:
+                cap.attn_in = None
+            else:
+                cap.attn = None
         if not all(torch.isfinite(c.logits).all() for c in caps):
             raise RuntimeError(
                 f"the full-precision forward of {lab.name!r} gave NaN or infinite logits: its "
@@ -89,10 +136,17 @@ def _capture_batch(lab: Lab, prompts: list[str], plan: QuantPlan, key: tuple) ->
             )
     else:
         refs = activations_many(lab, prompts, QuantPlan.none())
-        with lab.engine.quantized(QuantPlan.none()):
-            params = attention_params(lab.model, lab.adapter)
-        inputs = refs[0].attn_in if len(refs) == 1 else pad_states([r.attn_in for r in refs])
-        reference = AttentionReference(inputs, params)
+        ref_maps = [r.attn for r in refs]
+        reference = None
+        if any(m is None for m in ref_maps):  # recompute the maps of the long ones
+            with lab.engine.quantized(QuantPlan.none()):
+                params = attention_params(lab.model, lab.adapter)
+            ins = [
+                r.attn_in if r.attn_in is not None else r.resid.new_zeros(r.resid[1:].shape)
+                for r in refs
+            ]  # (a short one's zeros are never read: its kept maps are)
+            reference = AttentionReference(ins[0] if len(ins) == 1 else pad_states(ins), params)
+        stats = _stats_of(lengths, ent, js, ref_maps)
         with lab.engine.quantized(plan):
             caps = capture_batch(
                 lab.model, lab.adapter, seqs, on_attention=stats, reference=reference
@@ -109,8 +163,9 @@ def activations_many(
     lab: Lab, prompts: Sequence[str], plan: QuantPlan, max_tokens: int = BATCH_TOKENS
 ) -> list[Capture]:
     """``activations`` of each prompt; the ones not cached run in left-padded batches of at
-    most ``max_tokens`` padded tokens (one forward per batch, equal to one-prompt forwards up
-    to float rounding)."""
+    most ``max_tokens`` padded tokens, a new batch rather than pad the rows already in one by
+    more than ``PAD_TOKENS`` at once (one forward per batch, equal to one-prompt forwards up to
+    float rounding)."""
     key = weights_key(lab)
     found: dict[str, Capture] = {}
     for p in dict.fromkeys(prompts):
@@ -119,7 +174,7 @@ def activations_many(
             found[p] = cap
     missing = [p for p in dict.fromkeys(prompts) if p not in found]
     lengths = [lab.encode(p).shape[1] for p in missing]
-    for batch in length_batches(lengths, max_tokens):
+    for batch in length_batches(lengths, max_tokens, PAD_TOKENS):
         group = [missing[i] for i in batch]
         for p, cap in zip(group, _capture_batch(lab, group, plan, key), strict=True):
             lab._acts.put((p, plan), cap)
@@ -131,7 +186,8 @@ def activations(lab: Lab, prompt: str, plan: QuantPlan) -> Capture:
     """Residual, gate and MLP activations of ``prompt`` under ``plan`` plus per-layer attention
     statistics, computed as the forward runs: ``extra["entropy"]`` [L, H] and, for a plan other
     than full precision, ``extra["js"]`` [L, H] against the reference (whose capture also keeps
-    ``attn_in`` [L, T, D] so the reference maps can be recomputed one layer at a time).
+    either its attention maps ``attn`` [L, H, T, T] when T H <= D, or ``attn_in`` [L, T, D] so
+    the reference maps can be recomputed one layer at a time, whichever is smaller).
     Cached in ``lab`` per (prompt, plan), valid while the model's weights are unchanged
     (``extra["weights"]``, see ``weights_key``)."""
     return activations_many(lab, [prompt], plan)[0]
@@ -186,7 +242,7 @@ def isolation_many(
     found = {p: lab._acts.get(("isolation", p, plan, key)) for p in dict.fromkeys(prompts)}
     missing = [p for p, v in found.items() if v is None]
     seqs = [lab.encode(p)[0] for p in missing]
-    for batch in length_batches([len(s) for s in seqs], max_tokens):
+    for batch in length_batches([len(s) for s in seqs], max_tokens, PAD_TOKENS):
         group = [missing[i] for i in batch]
         refs = [c.resid for c in activations_many(lab, group, QuantPlan.none())]
         dev, dt = lab.model.device, lab.model.dtype
@@ -232,7 +288,7 @@ def context_resid(lab: Lab, plan: QuantPlan, prompts: list[str]) -> torch.Tensor
         seqs = [lab.encode(p)[0] for p in prompts]
         parts: list[torch.Tensor | None] = [None] * len(seqs)
         with lab.engine.quantized(plan):
-            for batch in length_batches([len(x) for x in seqs], BATCH_TOKENS):
+            for batch in length_batches([len(x) for x in seqs], BATCH_TOKENS, PAD_TOKENS):
                 group = [seqs[i] for i in batch]
                 caps = capture_batch(lab.model, lab.adapter, group, ("resid",))
                 for i, c in zip(batch, caps, strict=True):
@@ -243,8 +299,11 @@ def context_resid(lab: Lab, plan: QuantPlan, prompts: list[str]) -> torch.Tensor
 
 
 def per_layer(metric, ref: torch.Tensor, quant: torch.Tensor) -> np.ndarray:
-    """``metric`` [L] of [L, N, F] pairs, one layer at a time (bounded float64 temporaries)."""
-    return torch.cat([metric(ref[i : i + 1], quant[i : i + 1]) for i in range(len(ref))]).numpy()
+    """``metric`` [L] of [L, N, F] pairs, as many layers per call as fit in ``LAYER_ELEMENTS``
+    (bounded float64 temporaries; one layer at a time for long prompts)."""
+    step = max(1, LAYER_ELEMENTS // max(1, ref[0].numel()))
+    parts = [metric(ref[i : i + step], quant[i : i + step]) for i in range(0, len(ref), step)]
+    return torch.cat(parts).numpy()
 
 
 def _targets(target, n: int) -> list:
@@ -266,7 +325,8 @@ def compare_many(
 ) -> list[Comparison]:
     """``compare(prompts[i], targets[i], plan, **options)`` for every i (``targets``: one for
     all or one per prompt), the forwards, logit lenses and isolation tests of all prompts
-    batched (one left-padded forward per plan and per batch of ``BATCH_TOKENS`` tokens)."""
+    batched (one left-padded forward per plan and per batch of at most ``BATCH_TOKENS`` tokens,
+    a new batch rather than pad the rows already in one by more than ``PAD_TOKENS`` at once)."""
     prompts = list(prompts)
     targets = _targets(targets, len(prompts))
     if not prompts:

@@ -127,3 +127,11 @@ def test_capture_batch_equals_one_prompt_captures(tiny_model):
         alone = isolated_outputs(tiny_model, ad, s[None], c.resid[:-1])
         torch.testing.assert_close(outs[:, b, -len(s) :], alone, atol=1e-5, rtol=1e-4)
     assert hook_count(tiny_model) == 0
+
+
+def test_length_batches_start_a_new_batch_rather_than_pad_much():
+    lengths = [6] * 31 + [8]
+    assert [len(b) for b in length_batches(lengths, 512)] == [32]  # one batch, 62 pad tokens
+    assert [len(b) for b in length_batches(lengths, 512, max_pad=32)] == [31, 1]
+    assert [len(b) for b in length_batches([6, 7, 7, 8], 512, max_pad=3)] == [4]  # 1 + 2
+    assert [len(b) for b in length_batches([6, 7, 7, 8], 512, max_pad=2)] == [3, 1]
