@@ -37,7 +37,7 @@ def test_plan_respects_budget_as_footprint_counts(tiny_lab, budget):
     alloc, _ = P.allocate(costs, rx.sensitivity.to_numpy(), budget * params)
     uniform = [(o,) * 3 for o in range(len(opts)) if costs[:, o].sum() <= budget * params]
     n_starts = len({tuple(alloc), *uniform})
-    assert 1 + 1 + 3 * 4 + n_starts <= rx.forward_passes <= 1 + 1 + 3 * 4 + n_starts + 32
+    assert 1 + 1 + 3 * 4 + n_starts <= rx.forward_passes <= 1 + 1 + 3 * 4 + n_starts + 64
     plain = tiny_lab.prescribe(
         budget, candidates=(2, 3, 4, 8), group_size=32, refine_passes=0, **FAST
     )
@@ -194,8 +194,8 @@ def test_bench_prescribe_on_tiny(tiny_lab, monkeypatch, capsys):
     out = bench.run_one("prescribe", "tiny")
     assert out["greedy_top_k"] is None  # 3 layers: the full greedy search
     assert out["ratio"] == pytest.approx(out["greedy_s"] / out["prescribe_s"])
-    # reference, suffix check, L x options, 1..13 starts, at most 32 refinement moves
-    assert 1 + 1 + 3 * 12 + 1 <= out["prescribe_forward_passes"] <= 1 + 1 + 3 * 12 + 13 + 32
+    # reference, suffix check, L x options, 1..13 starts, at most 64 refinement moves
+    assert 1 + 1 + 3 * 12 + 1 <= out["prescribe_forward_passes"] <= 1 + 1 + 3 * 12 + 13 + 64
     assert out["greedy_forward_passes"] > 3
     for s in out["scores"].values():
         assert s["effective_bits"] <= BP.BUDGET + 1e-12
@@ -279,7 +279,9 @@ def test_split_text_is_disjoint():
 
 def test_embedded_at_3_5_bits_beats_uniform_3bit(lab):
     """SmolLM2-135M: within 3.5 bits/weight, a lower held-out perplexity than uniform rtn3-g128
-    and a lower calibration KL than uniform rtn3-g64 (the best uniform plan that fits)."""
+    and rtn3-g64 (the best uniform plan that fits: before the plans were measured whole it
+    lost to it, 185.3 against 184.3), and a calibration KL no higher than any uniform plan of
+    its options that fits."""
     rx = lab.prescribe(
         3.5,
         candidates=(2, 3, 4),
@@ -291,10 +293,13 @@ def test_embedded_at_3_5_bits_beats_uniform_3bit(lab):
     fp = footprint(lab.model, rx.plan, include_embeddings=False)
     assert fp.effective_bits <= 3.5 + 1e-12
     held = P.split_text()[1][:4000]
-    uniform3 = QuantPlan.uniform(QuantConfig(3, 128))
-    assert lab.perplexity(rx.plan, text=held) < lab.perplexity(uniform3, text=held)
+    mine = lab.perplexity(rx.plan, text=held)
+    for g in (128, 64):
+        assert mine < lab.perplexity(QuantPlan.uniform(QuantConfig(3, g)), text=held)
     meter = P.KLMeter(lab, P.calibration_ids(lab, P.split_text()[0], 128, 128), False)
-    assert meter(rx.plan) < meter(QuantPlan.uniform(QuantConfig(3, 64)))
+    assert meter(rx.plan) == pytest.approx(rx.calib_kl, rel=1e-4)
+    for bits, g in itertools.product((2, 3), (64, 128)):
+        assert rx.calib_kl <= meter(QuantPlan.uniform(QuantConfig(bits, g)))
 
 
 @pytest.mark.parametrize("budget", [2.3, 3.5, 5.0, 9.0])

@@ -631,7 +631,7 @@ def prescribe(
     eval_chars: int | None = None,
     check: bool = True,
     cache: bool = True,
-    refine_passes: int = 32,
+    refine_passes: int = 64,
 ) -> Prescription:
     """The cheapest-KL per-layer plan under ``budget_bits`` (see the module docstring).
 
