@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 
 import numpy as np
 import pytest
@@ -240,6 +241,19 @@ def test_refinement_lowers_the_joint_kl_within_budget(tiny_lab):
         assert kl == pytest.approx(full(P.plan_of(choice, opts)), rel=1e-4)
         gains.append(full(P.plan_of(alloc, opts)) - kl)
     assert min(gains) >= -1e-9 and max(gains) > 0
+
+
+def test_the_refinement_is_cancellable(tiny_lab):
+    from qviz.cancel import Cancelled
+
+    stop = threading.Event()
+
+    def progress(done, total):  # cancel once the sensitivity is done: the search is next
+        if done == total:
+            stop.set()
+
+    with pytest.raises(Cancelled, match="joint KL|refinement"):
+        tiny_lab.prescribe(4.2, cancel=stop, progress=progress, cache=False, **FAST)
 
 
 def test_moves_fit_and_come_in_the_tables_order():
