@@ -243,6 +243,23 @@ def test_refinement_lowers_the_joint_kl_within_budget(tiny_lab):
     assert min(gains) >= -1e-9 and max(gains) > 0
 
 
+def test_refinement_with_full_precision_options_measures_the_whole_plan(tiny_lab):
+    """A move back to full precision cannot be a nested swap: the whole plan is swapped in; the
+    KL it reports is the plan's own, measured independently."""
+    opts = P.options_of(("rtn",), (2, 4, 16), 32)
+    costs, params = P.layer_costs(tiny_lab, opts), P.decoder_params(tiny_lab)
+    ids = P.calibration_ids(tiny_lab, P.split_text()[0], 64, 32)
+    meter = P.KLMeter(tiny_lab, ids)
+    table = P.sensitivity_table(tiny_lab, meter, opts).to_numpy()
+    full = P.KLMeter(tiny_lab, ids, check_suffix=False)
+    for budget in (6.0, 9.0):
+        alloc, _ = P.allocate(costs, table, budget * params)
+        choice, kl = P.refine(meter, costs, table, [alloc], budget * params, opts, 24)
+        assert costs[np.arange(3), choice].sum() <= budget * params
+        assert kl == pytest.approx(full(P.plan_of(choice, opts)), rel=1e-4)
+        assert kl <= full(P.plan_of(alloc, opts)) * (1 + 1e-6)
+
+
 def test_the_refinement_is_cancellable(tiny_lab):
     from qviz.cancel import Cancelled
 

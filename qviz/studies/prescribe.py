@@ -377,7 +377,9 @@ def refine(
     until a full pass over the moves finds none or ``max_passes`` forwards are spent. A move
     runs only the layers from its lowest changed layer on, from the inputs stored under the
     current plan, and (RTN-like methods) quantizes only the changed layers anew: a nested swap
-    over the current plan's weights. Returns (choice, its measured joint KL)."""
+    over the current plan's weights. With a calibrated method among the options (GPTQ: each
+    layer calibrated on the quantized layers before it) a move is a whole calibration run, so
+    only the starts are measured. Returns (choice, its measured joint KL)."""
     tol = 1e-9
     seen: set[tuple[int, ...]] = set()
     best = None
@@ -390,7 +392,8 @@ def refine(
         if best is None or val < best[1] * (1 - tol):
             best = (list(start), val, inputs)
     choice, current, inputs = best
-    nested = all(o is not None and not METHODS.get_method(o.method).calibrated for o in options)
+    if any(o is not None and METHODS.get_method(o.method).calibrated for o in options):
+        return choice, current  # each move would be a whole calibration run (GPTQ: minutes)
     spent = 0
     while spent < max_passes:
         todo = []
@@ -409,10 +412,11 @@ def refine(
                 for changes, trial in chunk:
                     check_cancel(cancel, f"refinement pass {spent + 1} of at most {max_passes}")
                     seen.add(tuple(trial))
+                    nested = all(options[o] is not None for _, o in changes)
                     change = (
                         QuantPlan(overrides=tuple((i, options[o]) for i, o in changes))
                         if nested
-                        else None
+                        else None  # back to full precision: the whole plan swapped in
                     )
                     first = min(i for i, _ in changes)
                     val, new_inputs = meter.joint(plan_of(trial, options), first, inputs, change)
