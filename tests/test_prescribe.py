@@ -252,12 +252,29 @@ def test_refinement_with_full_precision_options_measures_the_whole_plan(tiny_lab
     meter = P.KLMeter(tiny_lab, ids)
     table = P.sensitivity_table(tiny_lab, meter, opts).to_numpy()
     full = P.KLMeter(tiny_lab, ids, check_suffix=False)
+    calls, real = [], meter.joint
+
+    def joint(plan, *a):  # every measured move: the nested swaps flattened into one plan
+        val, inputs = real(plan, *a)
+        swaps = [plan] if isinstance(plan, QuantPlan) else plan
+        cfgs = [swaps[0].config_for(i) for i in range(3)]
+        for p in swaps[1:]:
+            for i, c in p.overrides:
+                cfgs[i] = c
+        calls.append((QuantPlan(overrides=tuple(enumerate(cfgs))), val))
+        return val, inputs
+
+    meter.joint = joint
     for budget in (6.0, 9.0):
         alloc, _ = P.allocate(costs, table, budget * params)
         choice, kl = P.refine(meter, costs, table, [alloc], budget * params, opts, 24)
         assert costs[np.arange(3), choice].sum() <= budget * params
         assert kl == pytest.approx(full(P.plan_of(choice, opts)), rel=1e-4)
         assert kl <= full(P.plan_of(alloc, opts)) * (1 + 1e-6)
+    assert any(p.config_for(i) is None for p, _ in calls for i in range(3))
+    assert len({p for p, _ in calls}) > 8
+    for p, val in calls:
+        assert val == pytest.approx(full(p), rel=1e-4, abs=1e-9), p.label
 
 
 def test_the_refinement_is_cancellable(tiny_lab):

@@ -34,7 +34,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -151,18 +151,18 @@ class KLMeter:
 
     def joint(
         self,
-        plan: QuantPlan,
+        plan: QuantPlan | Sequence[QuantPlan],
         start: int = 0,
         inputs: Sequence[torch.Tensor | None] | None = None,
-        change: QuantPlan | None = None,
     ) -> tuple[float, list[torch.Tensor | None]]:
         """(KL, every layer's input) of ``plan``, counted as one forward pass.
 
-        ``inputs``: the layers' inputs under a plan equal to ``plan`` on layers < ``start``;
-        with them (and ``suffix_ok``) only layers ``start``..L-1 run. ``change``: ``plan`` is
-        ``change`` swapped in over the weights of the plan the inputs came from, which must be
-        the active one (nested ``engine.quantized``: only the changed layers are quantized
-        anew). The returned inputs are the given ones below ``start`` and the new ones above."""
+        ``plan``: one plan, or several swapped in nested, each over the one before (only a
+        later one's layers are quantized anew: the plan is the first with the later ones'
+        overrides on top). ``inputs``: the layers' inputs under a plan equal to this one on
+        layers < ``start``; with them (and ``suffix_ok``) only layers ``start``..L-1 run. The
+        returned inputs are the given ones below ``start`` and the new ones from it on."""
+        swaps = [plan] if isinstance(plan, QuantPlan) else list(plan)
         layers = self.lab.adapter.decoder_layers(self.lab.model)
         keep: list[torch.Tensor | None] = [None] * len(layers) if inputs is None else list(inputs)
         suffix = self.suffix_ok and inputs is not None and start > 0
@@ -173,7 +173,9 @@ class KLMeter:
 
             return pre
 
-        with self.lab.engine.quantized(change if change is not None else plan), attached() as h:
+        with ExitStack() as stack, attached() as h:
+            for p in swaps:
+                stack.enter_context(self.lab.engine.quantized(p))
             for i in range(start if suffix else 0, len(layers)):
                 h.pre(layers[i], hook(i))
             if suffix:
@@ -376,10 +378,11 @@ def refine(
     at a time, and the best that lowers the joint KL is taken; then again from the new plan,
     until a full pass over the moves finds none or ``max_passes`` forwards are spent. A move
     runs only the layers from its lowest changed layer on, from the inputs stored under the
-    current plan, and (RTN-like methods) quantizes only the changed layers anew: a nested swap
-    over the current plan's weights. With a calibrated method among the options (GPTQ: each
-    layer calibrated on the quantized layers before it) a move is a whole calibration run, so
-    only the starts are measured. Returns (choice, its measured joint KL)."""
+    current plan, and quantizes only the changed layers anew: nested swaps over the current
+    plan's weights (a change back to full precision swaps the whole plan in). With a calibrated
+    method among the options (GPTQ: each layer calibrated on the quantized layers before it) a
+    move is a whole calibration run, so only the starts are measured. Returns (choice, its
+    measured joint KL)."""
     tol = 1e-9
     seen: set[tuple[int, ...]] = set()
     best = None
@@ -394,7 +397,7 @@ def refine(
     choice, current, inputs = best
     if any(o is not None and METHODS.get_method(o.method).calibrated for o in options):
         return choice, current  # each move would be a whole calibration run (GPTQ: minutes)
-    spent = 0
+    spent, stack = 0, [plan_of(choice, options)]  # the current plan as nested swaps
     while spent < max_passes:
         todo = []
         for _, changes in moves(costs, kl, choice, budget):
@@ -403,31 +406,30 @@ def refine(
                 trial[layer] = o
             if tuple(trial) not in seen:
                 todo.append((changes, trial))
+                if len(todo) >= max_passes - spent:
+                    break
         taken = None
         for at in range(0, len(todo), batch):
-            chunk = todo[at : at + min(batch, max_passes - spent)]
-            if not chunk:
-                break
-            with meter.lab.engine.quantized(plan_of(choice, options)):
-                for changes, trial in chunk:
-                    check_cancel(cancel, f"refinement pass {spent + 1} of at most {max_passes}")
-                    seen.add(tuple(trial))
-                    nested = all(options[o] is not None for _, o in changes)
-                    change = (
-                        QuantPlan(overrides=tuple((i, options[o]) for i, o in changes))
-                        if nested
-                        else None  # back to full precision: the whole plan swapped in
-                    )
-                    first = min(i for i, _ in changes)
-                    val, new_inputs = meter.joint(plan_of(trial, options), first, inputs, change)
-                    spent += 1
-                    if val < current * (1 - tol) and (taken is None or val < taken[1]):
-                        taken = (trial, val, new_inputs)
-            if taken is not None or spent >= max_passes:
+            for changes, trial in todo[at : at + batch]:
+                check_cancel(cancel, f"refinement pass {spent + 1} of at most {max_passes}")
+                seen.add(tuple(trial))
+                if all(options[o] is not None for _, o in changes):  # only these layers anew
+                    swaps = [
+                        *stack,
+                        QuantPlan(overrides=tuple((i, options[o]) for i, o in changes)),
+                    ]
+                else:  # back to full precision: a nested swap cannot restore the originals
+                    swaps = [plan_of(trial, options)]
+                first = min(i for i, _ in changes)
+                val, new_inputs = meter.joint(swaps, first, inputs)
+                spent += 1
+                if val < current * (1 - tol) and (taken is None or val < taken[1]):
+                    taken = (trial, val, new_inputs, swaps)
+            if taken is not None:
                 break
         if taken is None:
             break
-        choice, current, inputs = taken
+        choice, current, inputs, stack = taken
     return choice, current
 
 
