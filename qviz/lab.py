@@ -429,9 +429,11 @@ class Lab:
         """Prescription: the least-KL per-layer plan within ``budget_bits`` decoder bits/weight.
         Keywords: methods=("rtn",), candidates=(2, 3, 4, 8), objective="kl",
         group_size=(32, 64, 128) (one size or several), cancel=None, progress=None (called
-        with (done, total)) and the search/baseline options of
-        ``qviz.studies.prescribe.prescribe``. Cached: the same call again returns at once; a
-        new budget re-runs only the allocation (a slider: ``baselines=False``)."""
+        with (done, total)), refine_passes=64 (the local search on the joint calibration KL)
+        and the search/baseline options of ``qviz.studies.prescribe.prescribe``. Never worse on
+        the calibration KL than a uniform plan of its options that fits. Cached: the same call
+        again returns at once; a new budget re-runs only the allocation and the refinement (a
+        slider: ``baselines=False``)."""
         from qviz.studies.prescribe import prescribe
 
         return prescribe(self, budget_bits, **kw)

@@ -94,7 +94,8 @@ def bench_prescribe(model_name: str = "smollm2-135m") -> dict:
     )
     print(
         f"  slider: the same call again {1000 * t_repeat:.1f} ms (cached), budget "
-        f"{BUDGET - 0.5} next {t_new_budget:.2f} s (allocation + the plan's own KL pass)"
+        f"{BUDGET - 0.5} next {t_new_budget:.2f} s (allocation, its plan and the uniform "
+        "plans measured whole, the refinement)"
     )
     return {
         "ratio": t_greedy / t_rx,

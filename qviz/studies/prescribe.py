@@ -14,8 +14,14 @@ The search, in order:
    (codes plus 16-bit scales and zeros, ``qviz.quant.memory.weight_bits``, the same numbers
    ``footprint(..., include_embeddings=False)`` sums), objective the sum of per-layer KL
    increases. Solved by dynamic programming over Pareto frontiers of (cost, KL): exact.
-3. A check with the verdict (``lab.compare`` on a bundled fact prompt).
-4. Baselines at equal or lower budget on held-out text (the rest of the prose, and facts):
+3. Measured whole: the sum of isolated KLs is only additive-approximate (layers interact), so
+   the allocation's plan and every uniform plan of one option that fits are each measured by
+   their joint calibration KL (one forward each), and a local search from the best re-measures
+   its neighbours (one or two layers' options changed within the budget, in the table's order)
+   and takes a move while the joint KL falls, at most ``refine_passes`` forwards. The result is
+   never worse on the calibration objective than any uniform plan of its options that fits.
+4. A check with the verdict (``lab.compare`` on a bundled fact prompt).
+5. Baselines at equal or lower budget on held-out text (the rest of the prose, and facts):
    every uniform plan that fits (candidate bits x group sizes), protect-first-k plans and the
    greedy one-layer-at-a-time KL search, whose forward passes are counted.
 """
@@ -28,7 +34,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -41,6 +47,7 @@ from qviz.models.access import hidden_in
 from qviz.probes.hooks import attached
 from qviz.quant.config import QuantConfig, QuantPlan
 from qviz.quant.memory import FP16_BITS, footprint
+from qviz.quant.methods import METHODS
 from qviz.results import Prescription
 
 if TYPE_CHECKING:
@@ -128,9 +135,12 @@ class KLMeter:
             return False
         return bool((logp - self.ref).abs().max() <= SUFFIX_TOL)
 
-    def _suffix_logp(self, layer: int) -> torch.Tensor:
+    def _suffix_logp(self, layer: int, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """log-probabilities [B, T, V] from layer ``layer`` on, fed ``hidden`` (default: that
+        layer's stored full-precision input)."""
+        hidden = self.inputs[layer] if hidden is None else hidden
         with layers_from(self.lab, layer), torch.no_grad():
-            logits = self.lab.model(inputs_embeds=self.inputs[layer], use_cache=False).logits
+            logits = self.lab.model(inputs_embeds=hidden, use_cache=False).logits
         return torch.log_softmax(logits.float(), dim=-1)
 
     def __call__(self, plan: QuantPlan) -> float:
@@ -138,6 +148,42 @@ class KLMeter:
             q = next_token_logp(self.lab, self.ids)
         self.forward_passes += 1
         return max(mean_kl(self.ref, q), 0.0)
+
+    def joint(
+        self,
+        plan: QuantPlan | Sequence[QuantPlan],
+        start: int = 0,
+        inputs: Sequence[torch.Tensor | None] | None = None,
+    ) -> tuple[float, list[torch.Tensor | None]]:
+        """(KL, every layer's input) of ``plan``, counted as one forward pass.
+
+        ``plan``: one plan, or several swapped in nested, each over the one before (only a
+        later one's layers are quantized anew: the plan is the first with the later ones'
+        overrides on top). ``inputs``: the layers' inputs under a plan equal to this one on
+        layers < ``start``; with them (and ``suffix_ok``) only layers ``start``..L-1 run. The
+        returned inputs are the given ones below ``start`` and the new ones from it on."""
+        swaps = [plan] if isinstance(plan, QuantPlan) else list(plan)
+        layers = self.lab.adapter.decoder_layers(self.lab.model)
+        keep: list[torch.Tensor | None] = [None] * len(layers) if inputs is None else list(inputs)
+        suffix = self.suffix_ok and inputs is not None and start > 0
+
+        def hook(i):
+            def pre(mod, args, kwargs):
+                keep[i] = hidden_in(args, kwargs).detach()
+
+            return pre
+
+        with ExitStack() as stack, attached() as h:
+            for p in swaps:
+                stack.enter_context(self.lab.engine.quantized(p))
+            for i in range(start if suffix else 0, len(layers)):
+                h.pre(layers[i], hook(i))
+            if suffix:
+                q = self._suffix_logp(start, inputs[start])
+            else:
+                q = next_token_logp(self.lab, self.ids)
+        self.forward_passes += 1
+        return max(mean_kl(self.ref, q), 0.0), keep
 
     def isolated(self, layer: int, cfg: QuantConfig) -> float:
         """KL with only decoder layer ``layer`` quantized with ``cfg``."""
@@ -287,6 +333,104 @@ def brute_force(costs: np.ndarray, kl: np.ndarray, budget: float) -> tuple[list[
     if arg is None:
         raise ValueError("nothing fits")
     return arg, float(best)
+
+
+def moves(
+    costs: np.ndarray, kl: np.ndarray, choice: Sequence[int], budget: float
+) -> list[tuple[float, tuple[tuple[int, int], ...]]]:
+    """Every change of one layer's option, or of two layers' options, that keeps the plan
+    within ``budget`` (stored bits), as (predicted KL change from the table, ((layer, option),
+    ...)), least predicted change first (ties: the smaller changes)."""
+    n_layers, n_opts = costs.shape
+    rows = np.arange(n_layers)
+    choice = np.asarray(choice)
+    slack = budget + 1e-9 * max(budget, 1.0) - float(costs[rows, choice].sum())
+    d_cost = costs - costs[rows, choice][:, None]
+    d_kl = kl - kl[rows, choice][:, None]
+    layer, opt = np.nonzero(np.arange(n_opts)[None, :] != choice[:, None])
+    dc, dk = d_cost[layer, opt], d_kl[layer, opt]
+    out = [(float(dk[k]), ((int(layer[k]), int(opt[k])),)) for k in np.flatnonzero(dc <= slack)]
+    a, b = np.nonzero((dc[:, None] + dc[None, :] <= slack) & (layer[:, None] < layer[None, :]))
+    out += [
+        (float(dk[i] + dk[j]), ((int(layer[i]), int(opt[i])), (int(layer[j]), int(opt[j]))))
+        for i, j in zip(a, b, strict=True)
+    ]
+    out.sort()
+    return out
+
+
+def refine(
+    meter: KLMeter,
+    costs: np.ndarray,
+    kl: np.ndarray,
+    starts: Sequence[Sequence[int]],
+    budget: float,
+    options: Sequence[QuantConfig | None],
+    max_passes: int,
+    cancel: threading.Event | None = None,
+    batch: int = 8,
+) -> tuple[list[int], float]:
+    """The plan with the least measured joint KL found from ``starts`` (choices [L]: the
+    allocation's and the uniform plans that fit), then a local search on the joint KL.
+
+    Each start is measured (one forward each); from the best, the moves within ``budget``
+    (``moves``: one or two layers' options changed) are measured in the table's order, ``batch``
+    at a time, and the best that lowers the joint KL is taken; then again from the new plan,
+    until a full pass over the moves finds none or ``max_passes`` forwards are spent. A move
+    runs only the layers from its lowest changed layer on, from the inputs stored under the
+    current plan, and quantizes only the changed layers anew: nested swaps over the current
+    plan's weights (a change back to full precision swaps the whole plan in). With a calibrated
+    method among the options (GPTQ: each layer calibrated on the quantized layers before it) a
+    move is a whole calibration run, so only the starts are measured. Returns (choice, its
+    measured joint KL)."""
+    tol = 1e-9
+    seen: set[tuple[int, ...]] = set()
+    best = None
+    for start in starts:
+        if tuple(start) in seen:
+            continue
+        seen.add(tuple(start))
+        check_cancel(cancel, f"before the joint KL of start {len(seen)} of {len(starts)}")
+        val, inputs = meter.joint(plan_of(start, options))
+        if best is None or val < best[1] * (1 - tol):
+            best = (list(start), val, inputs)
+    choice, current, inputs = best
+    if any(o is not None and METHODS.get_method(o.method).calibrated for o in options):
+        return choice, current  # each move would be a whole calibration run (GPTQ: minutes)
+    spent, stack = 0, [plan_of(choice, options)]  # the current plan as nested swaps
+    while spent < max_passes:
+        todo = []
+        for _, changes in moves(costs, kl, choice, budget):
+            trial = list(choice)
+            for layer, o in changes:
+                trial[layer] = o
+            if tuple(trial) not in seen:
+                todo.append((changes, trial))
+                if len(todo) >= max_passes - spent:
+                    break
+        taken = None
+        for at in range(0, len(todo), batch):
+            for changes, trial in todo[at : at + batch]:
+                check_cancel(cancel, f"refinement pass {spent + 1} of at most {max_passes}")
+                seen.add(tuple(trial))
+                if all(options[o] is not None for _, o in changes):  # only these layers anew
+                    swaps = [
+                        *stack,
+                        QuantPlan(overrides=tuple((i, options[o]) for i, o in changes)),
+                    ]
+                else:  # back to full precision: a nested swap cannot restore the originals
+                    swaps = [plan_of(trial, options)]
+                first = min(i for i, _ in changes)
+                val, new_inputs = meter.joint(swaps, first, inputs)
+                spent += 1
+                if val < current * (1 - tol) and (taken is None or val < taken[1]):
+                    taken = (trial, val, new_inputs, swaps)
+            if taken is not None:
+                break
+        if taken is None:
+            break
+        choice, current, inputs, stack = taken
+    return choice, current
 
 
 def sensitivity_table(
@@ -493,6 +637,7 @@ def prescribe(
     eval_chars: int | None = None,
     check: bool = True,
     cache: bool = True,
+    refine_passes: int = 64,
 ) -> Prescription:
     """The cheapest-KL per-layer plan under ``budget_bits`` (see the module docstring).
 
@@ -502,10 +647,12 @@ def prescribe(
     text and ``n_facts`` evenly spaced bundled facts (``eval_chars``: only that much held-out
     prose); ``greedy``: include the greedy KL search (about L forward passes per raise;
     ``greedy_top_k`` bounds it to that many per raise). ``check``: run the verdict on a bundled
-    fact prompt. ``progress(done, total)``: after each sensitivity variant. ``cache``: keep the
+    fact prompt. ``refine_passes``: the most forwards the local search on the joint KL may
+    spend after the starts (0 = the best of the allocation's plan and the uniform plans).
+    ``progress(done, total)``: after each sensitivity variant. ``cache``: keep the
     sensitivity table per (model, options, calibration) and the result per arguments, so a
     repeated call returns at once and a call with another budget runs only the allocation, the
-    plan's own KL, the check and the baselines asked for.
+    starts and the refinement, the check and the baselines asked for.
     """
     if objective != "kl":
         raise ValueError(f"objective={objective!r} is not known; the only objective is 'kl'")
@@ -538,6 +685,7 @@ def prescribe(
         eval_chars,
         bool(check),
         None if given is None else given.hexdigest(),
+        int(refine_passes),
     )
     if cache and (hit := cache_get(lab, result_key)) is not None:
         return hit
@@ -559,11 +707,20 @@ def prescribe(
     if cache and table is not None:
         cache_put(lab, calib_key, (meter, table))
     choice, predicted = allocate(costs, sensitivity.to_numpy(), budget * params)
+    # the allocation's plan and every uniform plan of one option that fits, measured whole;
+    # then the local search from the best (``refine``)
+    fits = costs.sum(0) <= budget * params * (1 + 1e-9)
+    starts = [choice] + [[int(o)] * lab.n_layers for o in np.flatnonzero(fits)]
+    before = meter.forward_passes
+    choice, plan_kl = refine(
+        meter, costs, sensitivity.to_numpy(), starts, budget * params, options, refine_passes,
+        cancel,
+    )  # fmt: skip
     plan = plan_of(choice, options)
-    plan_kl = meter(plan)
-    # the search's passes, cached or not: reference (+ the suffix check), sensitivity, the plan
+    # the search's passes, cached or not: reference (+ the suffix check), sensitivity, the
+    # starts and the refinement moves
     n_sens = 0 if table is None else sum(c is not None for c in options) * lab.n_layers
-    passes = 2 + meter.suffix_checked + n_sens
+    passes = 1 + meter.suffix_checked + n_sens + meter.forward_passes - before
     verdict = None
     if check:
         fact = load_facts()[CHECK_FACT]
