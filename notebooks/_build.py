@@ -1144,8 +1144,11 @@ PRESCRIPTION = [
         exactly: one option per layer, total stored bits (scales and zeros included, as
         `qviz.footprint` counts them) within the budget, least summed KL. It checks the result
         with the verdict and scores it against uniform and protect-first-k plans on text it
-        never saw. The table is cached per model, options and calibration, so a second budget
-        (a slider) costs one forward pass.""",
+        never saw. Because layers interact, the summed KL only proposes: the allocation's plan
+        and every uniform plan that fits are then measured whole, and a short local search
+        (``refine_passes`` whole-plan forwards, 16 here) keeps the change of one or two layers
+        that lowers the measured KL most. The table is cached per model, options and
+        calibration, so a second budget (a slider) costs only that search.""",
     ),
     (
         "code",
@@ -1157,8 +1160,10 @@ PRESCRIPTION = [
 
         lab = qviz.Lab.load("smollm2-135m")
         BUDGETS = [2.5, 3.0, 3.5, 4.0, 5.0]
-        # small for the notebook: 3 bit-widths x 2 group sizes, 128 calibration tokens
-        OPTS = dict(candidates=(2, 3, 4), group_size=(64, 128), n_calib_tokens=128)
+        # small for the notebook: 3 bit-widths x 2 group sizes, 128 calibration tokens, 16 moves
+        OPTS = dict(
+            candidates=(2, 3, 4), group_size=(64, 128), n_calib_tokens=128, refine_passes=16
+        )
         FAST = dict(OPTS, eval_chars=4000, n_facts=40, greedy=False)
         first = lab.prescribe(BUDGETS[0], baselines=False, **FAST)
         print("options:", first.options)

@@ -463,8 +463,9 @@ class Prescription:
     plan: the QuantPlan; choice [L] / bits [L]: each decoder layer's option label and bits;
     effective_bits: the plan's decoder bits per weight (scales included, no embeddings);
     sensitivity: [L, n_options] KL increase with only that layer quantized (calibration text);
-    predicted_kl: the sum the allocation minimized; calib_kl: the plan's measured joint KL;
-    forward_passes: forwards the search spent (reference, sensitivity, the plan's own KL);
+    predicted_kl: the sum the allocation minimized; calib_kl: the final plan's measured joint KL;
+    forward_passes: forwards the search spent (reference, suffix check, sensitivity, the
+    allocation's and the fitting uniform plans measured whole, refinement moves);
     verdict: the check on a bundled fact prompt (None when skipped); baselines: one row per
     plan scored on held-out text (kind, plan, effective_bits, calib_kl, perplexity,
     fact_accuracy, forward_passes), the prescribed plan first.
