@@ -14,14 +14,17 @@ Views see only the Lab's methods and result objects (``compare``, ``trace``, ``p
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 
+import numpy as np
+
 from qviz.quant.config import QuantConfig, QuantPlan
-from qviz.results import Comparison, PatchGrid
+from qviz.results import Comparison, LayerMap, PatchGrid
 from qviz.views.state import DashboardState
 
 PARETO_BITS = (2, 3, 4, 5, 6, 8)
@@ -38,6 +41,27 @@ def call_with_cancel(fn: Callable, *args, cancel: threading.Event | None = None,
 # bundled prompts pooled with the user's for the CKA map (first position left out): with one
 # prompt and every token, linear CKA stays bright even at 2 bits (issue 12, README)
 CKA_CONTEXT = 32
+
+
+@dataclasses.dataclass
+class PendingMap(LayerMap):
+    """The CKA map of a first look (``Backend.first_look``): every cell NaN (drawn grey) while
+    the pooled context runs; its caption says so."""
+
+    @property
+    def how(self) -> str:
+        return f"computing, pooled over {self.n_prompts} prompts ..."
+
+    @staticmethod
+    def like(cka: LayerMap, n_prompts: int) -> PendingMap:
+        n = cka.values.shape[0]
+        return PendingMap(np.full((n, n), np.nan), 0, cka.estimator, n_prompts=n_prompts,
+                          drop_first=True)  # fmt: skip
+
+
+def is_first_look(cmp: Comparison | None) -> bool:
+    """Whether ``cmp`` is a first look: its CKA map and verdict still computing."""
+    return cmp is not None and isinstance(cmp.cka, PendingMap)
 
 
 class Backend:
@@ -108,6 +132,30 @@ class Backend:
             ),
         )
 
+    def first_look(
+        self, prompt: str, target: str, plan: QuantPlan, cancel: threading.Event | None = None
+    ) -> Comparison:
+        """What the one prompt shows of ``plan`` before the pooled CKA context is run: the
+        comparison itself when cached, else the views of the prompt alone -- logit lens,
+        attention, FFN and residual, equal to the full comparison's (they pool the prompt
+        only) -- with the CKA map pending (``PendingMap``, NaN), no verdict and no isolation
+        test (the verdict's evidence: the CKA diagonal and that test). Its forwards and lens
+        are cached in the Lab, so ``compare`` then adds only the isolation test, the context's
+        forward and the CKA."""
+        full = self.peek(self.compare_key(prompt, target, plan))
+        if full is not None:
+            return full
+        lab = self.lab
+
+        def compute() -> Comparison:
+            cmp = call_with_cancel(lab.compare, prompt, target=target, plan=plan, cka_context=0,
+                                   isolation=False, cancel=cancel)  # fmt: skip
+            return dataclasses.replace(
+                cmp, cka=PendingMap.like(cmp.cka, 1 + CKA_CONTEXT), verdict=None
+            )
+
+        return self._cached(("first look", prompt, target, plan), compute)
+
     def trace(
         self,
         prompt: str,
@@ -168,9 +216,21 @@ class Backend:
 
         return self._cached(("prescribe", float(budget), method, group_size), compute)
 
-    def prefetch(self, plans: list[QuantPlan], cancel: threading.Event | None = None):
-        """Materialize ``plans`` in the background (``Lab.prefetch``); the started thread."""
-        return self.lab.prefetch(plans, cancel=cancel)
+    def prefetch(
+        self,
+        plans: list[QuantPlan],
+        cancel: threading.Event | None = None,
+        prompt: str | None = None,
+        target: str | None = None,
+    ) -> threading.Thread:
+        """Materialize ``plans`` in the background (``Lab.prefetch``: within the engine's
+        budget, never evicting the plan in use), and with ``prompt`` and ``target`` also their
+        whole comparison into this cache, each plan's right after its weights; the started
+        thread. A set ``cancel`` stops it before its next forward pass."""
+        then = None
+        if prompt is not None:
+            then = lambda plan: self.compare(prompt, target, plan, cancel=cancel)  # noqa: E731
+        return self.lab.prefetch(plans, cancel=cancel, then=then)
 
     def uniform_within(self, budget: float, method: str, group_size) -> tuple | None:
         """(plan, decoder bits/weight) of the uniform plan of ``method`` with the most bits

@@ -24,11 +24,13 @@ import panel as pn
 from qviz.cancel import Cancelled
 from qviz.quant.config import QuantConfig, QuantPlan
 from qviz.views.backend import (  # noqa: F401 (re-exported)
+    CKA_CONTEXT,
     N_FACTS,
     PARETO_BITS,
     Backend,
     backend_for,
     call_with_cancel,
+    is_first_look,
     needs_calibration,
     plan_for,
 )
@@ -291,10 +293,35 @@ class Controller:
         first = plans[0] if cached[0] is None else plans[1]
         say = self._start("compare", self._first_status(first))
 
-        def work():
-            return result(*[self._compare_one(p, prompt, target, cancel, say) for p in plans])
+        def work():  # progressive: what the prompt alone shows first, then the pooled CKA
+            looks = [self._compare_one(p, prompt, target, cancel, say, True) for p in plans]
+            pending = [c.plan_label for c in looks if is_first_look(c)]
+            if not pending:
+                return result(*looks)
+            self._post_first_look(say, result(*looks), pending)
+            full = self.backend.compare  # the plans are prepared: the CKA context's forward
+            return result(
+                *[
+                    full(prompt, target, p, cancel=cancel) if is_first_look(c) else c
+                    for p, c in zip(plans, looks, strict=True)
+                ]
+            )
 
         say.token = self._workers["compare"].submit(work)
+
+    def _post_first_look(self, say, result: dict, pending: list[str]) -> None:
+        """Show a first look from the worker thread (on the UI thread), while its request is
+        still the newest; busy stays on and the status names the part still computing."""
+        status = (
+            f"{' and '.join(pending)}: prompt views shown; CKA map and verdict computing "
+            f"over {1 + CKA_CONTEXT} prompts ..."
+        )
+
+        def show() -> None:
+            if not self._closed and self._workers["compare"].token == say.token:
+                self._show(result, status, busy=True)
+
+        self._dispatch(show)
 
     def _start(self, kind: str, status: str):
         """Busy with ``status``; returns ``say(msg)`` reporting while ``say.token`` is newest."""
@@ -312,14 +339,18 @@ class Controller:
             return f"preparing {plan.label}: capturing calibration inputs ..."
         return f"computing {plan.label} ..."
 
-    def _compare_one(self, plan, prompt: str, target: str, cancel, say):
-        """Prepare ``plan`` (progress per layer) and compare it with full precision."""
-        key = Backend.compare_key(prompt, target, plan)
-        cached = self.backend.peek(key)
+    def _compare_one(self, plan, prompt: str, target: str, cancel, say, first_look=False):
+        """Prepare ``plan`` (progress per layer) and compare it with full precision; with
+        ``first_look``, only what the prompt alone shows of it (``Backend.first_look``). The
+        whole comparison when it is cached."""
+        cached = self.backend.peek(Backend.compare_key(prompt, target, plan))
         if cached is not None:
             return cached
         say(self._first_status(plan))
         self.lab.prepare(plan, cancel=cancel, on_progress=Progress(plan.label, say))
+        if first_look:
+            say(f"comparing {plan.label} with full precision on the prompt ...")
+            return self.backend.first_look(prompt, target, plan, cancel=cancel)
         say(f"comparing {plan.label} with full precision ...")
         return self.backend.compare(prompt, target, plan, cancel=cancel)
 
@@ -368,29 +399,39 @@ class Controller:
             s.error = f"{type(error).__name__}: {error}"
             self._set_busy("compare", False, "")
             return
-        cmp, cmp2 = result["comparison"], result["comparison2"]
+        shown = " beside ".join(
+            c.plan_label for c in (result["comparison"], result["comparison2"]) if c is not None
+        )
+        self._show(result, f"showing {shown}", busy=False)
+        self._prefetch_neighbours()
+
+    def _show(self, result: dict, status: str, busy: bool) -> None:
+        """Put a compare result (or a first look) into the state, on the UI thread."""
+        s = self.state
         updates = {**result, "error": ""}
-        n = len(cmp.ffn.flip_rate)
+        n = len(result["comparison"].ffn.flip_rate)
         if s.selected_layer is None or s.selected_layer >= n:
             updates["selected_layer"] = n // 2
         s.param.update(**updates)
-        shown = " beside ".join(c.plan_label for c in (cmp, cmp2) if c is not None)
-        self._set_busy("compare", False, f"showing {shown}")
-        self._prefetch_neighbours()
+        self._set_busy("compare", busy, status)
 
     def _prefetch_neighbours(self) -> None:
-        """While idle, materialize the bit-widths next to the one shown (within the engine's
-        budget, never evicting; stopped by the next request). Round-to-nearest only: it costs
-        tens of ms a plan (HQQ or GGUF encoding would hold the engine for seconds).
-        ``QVIZ_PREFETCH=0``: off."""
+        """While idle, compute the bit-widths next to the one shown, one after the other: the
+        weights (within the engine's budget, never evicting) then the whole comparison of the
+        prompt shown, so a slider step there shows at once. Stopped before its next forward
+        pass by the next request, the Cancel button or a closed session (the user's work goes
+        first). Round-to-nearest only: its weights cost tens of ms a plan (HQQ or GGUF encoding
+        would hold the engine for seconds). ``QVIZ_PREFETCH=0``: off; ``=weights``: the
+        weights only."""
         s = self.state
-        off = os.environ.get("QVIZ_PREFETCH", "1") == "0"
-        if self._closed or s.budget_on or s.method != "rtn" or off:
+        mode = os.environ.get("QVIZ_PREFETCH", "1")
+        if self._closed or s.budget_on or s.method != "rtn" or mode == "0":
             return
         self._prefetch_stop = threading.Event()
         plans = [plan_for(s, b) for b in (int(s.bits) - 1, int(s.bits) + 1) if 2 <= b <= 8]
+        whole = {} if mode == "weights" else {"prompt": s.prompt, "target": s.target}
         try:
-            self.prefetching = self.backend.prefetch(plans, cancel=self._prefetch_stop)
+            self.prefetching = self.backend.prefetch(plans, cancel=self._prefetch_stop, **whole)
         except (ValueError, ImportError):  # a plan the model cannot take: nothing to prefetch
             pass
 
@@ -451,11 +492,15 @@ class Controller:
             self.state.pareto_rows = result
         self._set_busy("pareto", False, None)
 
-    def wait(self, timeout: float | None = 60) -> bool:
-        """Block until queued work is done (scripts and tests; never call it in a callback)."""
+    def wait(self, timeout: float | None = 60, prefetch: bool = True) -> bool:
+        """Block until queued work is done, the idle prefetch too unless ``prefetch`` is
+        False (scripts and tests; never call it in a callback)."""
         ok = True
         for w in self._workers.values():
             ok = w.wait(timeout) and ok
+        if prefetch and self.prefetching is not None:
+            self.prefetching.join(timeout)
+            ok = ok and not self.prefetching.is_alive()
         return ok
 
 
