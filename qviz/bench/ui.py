@@ -115,8 +115,8 @@ def uncached_figures(
     a change of the dashboard's settings timed until the views hold the new data:
 
     - cold: ``moves`` moves to plans never seen and never prefetched (prefetch off): the first
-      paint (the prompt's views: lens, attention, FFN, residual, isolation) and the whole
-      result (the CKA map pooled with the context prompts, and the verdict);
+      paint (the prompt's views: lens, attention, FFN, residual) and the whole result (the CKA
+      map pooled with the context prompts, the isolation test and the verdict);
     - prefetched: ``moves`` one-bit steps, each after the idle prefetch of the neighbours
       finished (its time is printed: the pause a user needs for it);
     - interrupted: moves to unseen plans made while a prefetch is running (what prefetching
@@ -125,7 +125,7 @@ def uncached_figures(
     import os
     import statistics as st
 
-    from qviz.views.backend import Backend, plan_for
+    from qviz.views.backend import CKA_CONTEXT, Backend, plan_for
     from qviz.views.components import figure_views
     from qviz.views.session import Controller
     from qviz.views.state import DashboardState
@@ -161,13 +161,15 @@ def uncached_figures(
                 raise RuntimeError(f"the move to {label} ended with: {state.error}")
             return clock.seen[(label, False)], clock.seen.get((label, True))
 
+        # prefetch off: bit-width moves to plans never seen, on a new group size or symmetry
+        # (its first move changes that setting too, as a user would)
         combos = [(g, s) for s in (True, False) for g in groups if (g, s) != (groups[0], False)]
-        fresh = [dict(group_size=g, symmetric=s, bits=b) for g, s in combos for b in (3, 6)]
-        cold = [move(**settings) for settings in fresh[:moves]]
+        n_cold = -(-moves // 3)  # combos of the cold moves, three bit-widths each
+        fresh = [dict(group_size=g, symmetric=s, bits=b) for g, s in combos[:n_cold]
+                 for b in (3, 5, 7)][:moves]  # fmt: skip
+        cold = [move(**settings) for settings in fresh]
         mat_cold = list(mat)
-        left = [
-            c for c in combos if c not in {(f["group_size"], f["symmetric"]) for f in fresh[:moves]}
-        ]
+        left = combos[n_cold:]
         # prefetch on: one-bit steps on a new group/symmetry, each after the idle prefetch
         os.environ["QVIZ_PREFETCH"] = "1"
         move(group_size=left[0][0], symmetric=left[0][1], bits=2)
@@ -181,7 +183,7 @@ def uncached_figures(
             warm.append(move(bits=bits)[0])
         # a move to an unseen plan right after a result, while its neighbours' prefetch runs
         interrupted = []
-        for g, sym in left[1:]:
+        for g, sym in left[1:4]:
             move(group_size=g, symmetric=sym, bits=3)  # its prefetch of 2 and 4 starts
             time.sleep(0.05)
             interrupted.append(move(bits=6))
@@ -194,6 +196,7 @@ def uncached_figures(
         else:
             os.environ["QVIZ_PREFETCH"] = old
 
+    load = os.getloadavg()[0]  # 1-minute: this machine's other work during the moves
     ms = lambda xs: st.median(xs) * 1e3  # noqa: E731
     full, first = ms([f for f, _ in cold]), ms([p for _, p in cold if p is not None])
     med_mat, med_warm, med_idle = ms(mat_cold), ms(warm), ms(idle)
@@ -201,9 +204,10 @@ def uncached_figures(
     verdict = lambda v: "meets" if v <= 1000 else "MISSES"  # noqa: E731
     print(
         f"  never seen, never prefetched ({len(cold)} moves): first paint (lens, attention, "
-        f"FFN, residual, isolation) median {first:.0f} ms; whole result (CKA map over "
-        f"{1 + 32} prompts, verdict) median {full:.0f} ms (materialize {med_mat:.0f} ms; "
-        f"min {min(f for f, _ in cold) * 1e3:.0f}, max {max(f for f, _ in cold) * 1e3:.0f})"
+        f"FFN, residual) median {first:.0f} ms; whole result (+ CKA map over "
+        f"{1 + CKA_CONTEXT} prompts, isolation, verdict) median {full:.0f} ms (materialize "
+        f"{med_mat:.0f} ms; min {min(f for f, _ in cold) * 1e3:.0f}, max "
+        f"{max(f for f, _ in cold) * 1e3:.0f}); load average {load:.1f}"
     )
     print(
         f"  prefetched neighbour (one bit, after the idle prefetch; {len(warm)} moves): whole "
@@ -231,4 +235,5 @@ def uncached_figures(
         "prefetched_found": hits,
         "interrupted_first_paint_ms": med_int,
         "moves": len(cold),
+        "load_average": load,
     }

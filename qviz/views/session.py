@@ -198,6 +198,7 @@ class Controller:
         self._budget_key = None
         self._prefetch_stop = threading.Event()
         self.prefetching: threading.Thread | None = None  # the last prefetch (tests join it)
+        self._last_bits: int | None = None  # of the last result shown: the slider's direction
         settings = [*DashboardState.SETTINGS, *DashboardState.SETTINGS2]
         state.param.watch(self.request_compare, settings)
         state.param.watch(
@@ -420,7 +421,8 @@ class Controller:
         weights (within the engine's budget, never evicting) then the whole comparison of the
         prompt shown, so a slider step there shows at once. Stopped before its next forward
         pass by the next request, the Cancel button or a closed session (the user's work goes
-        first). Round-to-nearest only: its weights cost tens of ms a plan (HQQ or GGUF encoding
+        first). The neighbour in the direction of the last move goes first. Round-to-nearest
+        only: its weights cost tens of ms a plan (HQQ or GGUF encoding
         would hold the engine for seconds). ``QVIZ_PREFETCH=0``: off; ``=weights``: the
         weights only."""
         s = self.state
@@ -428,7 +430,10 @@ class Controller:
         if self._closed or s.budget_on or s.method != "rtn" or mode == "0":
             return
         self._prefetch_stop = threading.Event()
-        plans = [plan_for(s, b) for b in (int(s.bits) - 1, int(s.bits) + 1) if 2 <= b <= 8]
+        bits, last = int(s.bits), self._last_bits
+        self._last_bits = bits
+        order = (bits + 1, bits - 1) if last is not None and last < bits else (bits - 1, bits + 1)
+        plans = [plan_for(s, b) for b in order if 2 <= b <= 8]
         whole = {} if mode == "weights" else {"prompt": s.prompt, "target": s.target}
         try:
             self.prefetching = self.backend.prefetch(plans, cancel=self._prefetch_stop, **whole)

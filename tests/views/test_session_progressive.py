@@ -257,3 +257,24 @@ def test_the_ends_of_the_slider_prefetch_their_one_neighbour(monkeypatch, bits):
     other = 3 if bits == 2 else 7
     assert ctl.backend.peek(Backend.compare_key(PROMPT, "a", plan_for(state, other)))
     ctl.close()
+
+
+def test_the_neighbour_in_the_direction_of_the_last_move_is_prefetched_first(monkeypatch):
+    monkeypatch.delenv("QVIZ_PREFETCH", raising=False)
+
+    class Spy(qviz.Lab):
+        orders: list = []
+
+        def prefetch(self, plans, cancel=None, then=None):
+            self.orders.append([p.default.bits for p in plans])
+            return super().prefetch(plans, cancel=cancel, then=then)
+
+    lab, state = tiny_lab(Spy), tiny_state()
+    ctl, _ = controller(lab, state)
+    ctl.start()
+    assert ctl.wait(JOIN)
+    for bits in (5, 6, 5):
+        state.bits = bits
+        assert ctl.wait(JOIN)
+    assert lab.orders == [[3, 5], [6, 4], [7, 5], [4, 6]]
+    ctl.close()
