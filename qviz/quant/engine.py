@@ -316,8 +316,10 @@ class QuantEngine:
         plans: Sequence[QuantPlan],
         cancel: threading.Event | None = None,
         then: Callable[[QuantPlan], object] | None = None,
+        delay: float = 0.0,
     ) -> threading.Thread:
-        """Materialize ``plans`` in order in a background thread and return it at once (started).
+        """Materialize ``plans`` in order in a background thread and return it at once (started),
+        after ``delay`` seconds (an idle pause: a ``cancel`` set meanwhile ends it at once).
 
         Speculative and polite: a plan is skipped if it fails ``check`` or has a calibrated
         method (GPTQ: minutes of every core). To make room within ``budget_bytes`` it evicts
@@ -334,8 +336,7 @@ class QuantEngine:
         again on use.
         """
         plans = list(plans)
-        with self.lock:
-            keep = set([p for p in self._cache if self._sizes.get(p)][-1:])  # the plan in use
+        keep: set[QuantPlan] = set()  # the plan in use, then the ones prefetched
 
         def room(nbytes: int) -> bool:
             """Evict old plans (none of ``keep``) until ``nbytes`` more fit; False: cannot."""
@@ -370,6 +371,10 @@ class QuantEngine:
                 return plan in self._cache
 
         def work() -> None:
+            if delay > 0 and (cancel or threading.Event()).wait(delay):
+                return
+            with self.lock:  # taken here, never in the caller's (e.g. a UI) thread
+                keep.update([p for p in self._cache if self._sizes.get(p)][-1:])
             for plan in plans:
                 if cancel is not None and cancel.is_set():
                     return

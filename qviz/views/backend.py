@@ -222,15 +222,17 @@ class Backend:
         cancel: threading.Event | None = None,
         prompt: str | None = None,
         target: str | None = None,
+        delay: float = 0.0,
     ) -> threading.Thread:
         """Materialize ``plans`` in the background (``Lab.prefetch``: within the engine's
         budget, never evicting the plan in use), and with ``prompt`` and ``target`` also their
         whole comparison into this cache, each plan's right after its weights; the started
-        thread. A set ``cancel`` stops it before its next forward pass."""
+        thread. A set ``cancel`` stops it before its next forward pass; ``delay``: seconds of
+        idle pause first."""
         then = None
         if prompt is not None:
             then = lambda plan: self.compare(prompt, target, plan, cancel=cancel)  # noqa: E731
-        return self.lab.prefetch(plans, cancel=cancel, then=then)
+        return self.lab.prefetch(plans, cancel=cancel, then=then, delay=delay)
 
     def uniform_within(self, budget: float, method: str, group_size) -> tuple | None:
         """(plan, decoder bits/weight) of the uniform plan of ``method`` with the most bits

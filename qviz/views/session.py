@@ -36,6 +36,8 @@ from qviz.views.backend import (  # noqa: F401 (re-exported)
 )
 from qviz.views.state import DashboardState
 
+PREFETCH_PAUSE_S = 0.3  # idle time after a result before the neighbours are prefetched
+
 
 class Worker:
     """Runs one kind of slow job off the UI thread; a newer request supersedes older ones.
@@ -418,13 +420,13 @@ class Controller:
 
     def _prefetch_neighbours(self) -> None:
         """While idle, compute the bit-widths next to the one shown, one after the other: the
-        weights (within the engine's budget, never evicting) then the whole comparison of the
-        prompt shown, so a slider step there shows at once. Stopped before its next forward
-        pass by the next request, the Cancel button or a closed session (the user's work goes
-        first). The neighbour in the direction of the last move goes first. Round-to-nearest
-        only: its weights cost tens of ms a plan (HQQ or GGUF encoding
-        would hold the engine for seconds). ``QVIZ_PREFETCH=0``: off; ``=weights``: the
-        weights only."""
+        weights (within the engine's budget, never evicting the plan in use) then the whole
+        comparison of the prompt shown, so a slider step there shows at once. It starts after
+        ``PREFETCH_PAUSE_S`` of idle time (quick moves and the page's own updates go first) and
+        stops before its next forward pass at the next request, the Cancel button or a closed
+        session. The neighbour in the direction of the last move goes first. Round-to-nearest
+        only: its weights cost tens of ms a plan (HQQ or GGUF encoding would hold the engine
+        for seconds). ``QVIZ_PREFETCH=0``: off; ``=weights``: the weights only."""
         s = self.state
         mode = os.environ.get("QVIZ_PREFETCH", "1")
         if self._closed or s.budget_on or s.method != "rtn" or mode == "0":
@@ -436,7 +438,9 @@ class Controller:
         plans = [plan_for(s, b) for b in order if 2 <= b <= 8]
         whole = {} if mode == "weights" else {"prompt": s.prompt, "target": s.target}
         try:
-            self.prefetching = self.backend.prefetch(plans, cancel=self._prefetch_stop, **whole)
+            self.prefetching = self.backend.prefetch(
+                plans, cancel=self._prefetch_stop, delay=PREFETCH_PAUSE_S, **whole
+            )
         except (ValueError, ImportError):  # a plan the model cannot take: nothing to prefetch
             pass
 

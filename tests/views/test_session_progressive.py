@@ -265,9 +265,9 @@ def test_the_neighbour_in_the_direction_of_the_last_move_is_prefetched_first(mon
     class Spy(qviz.Lab):
         orders: list = []
 
-        def prefetch(self, plans, cancel=None, then=None):
+        def prefetch(self, plans, **kw):
             self.orders.append([p.default.bits for p in plans])
-            return super().prefetch(plans, cancel=cancel, then=then)
+            return super().prefetch(plans, **kw)
 
     lab, state = tiny_lab(Spy), tiny_state()
     ctl, _ = controller(lab, state)
@@ -278,3 +278,16 @@ def test_the_neighbour_in_the_direction_of_the_last_move_is_prefetched_first(mon
         assert ctl.wait(JOIN)
     assert lab.orders == [[3, 5], [6, 4], [7, 5], [4, 6]]
     ctl.close()
+
+
+def test_a_move_within_the_idle_pause_prefetches_nothing():
+    lab, stop = tiny_lab(), threading.Event()
+    plan = qviz.QuantPlan.uniform(qviz.QuantConfig(bits=3, group_size=32))
+    seen = []
+    thread = lab.prefetch([plan], cancel=stop, then=seen.append, delay=JOIN)
+    stop.set()  # the next move, during the pause
+    thread.join(JOIN)
+    assert not thread.is_alive() and seen == [] and plan not in lab.engine.cached_plans
+    thread = lab.prefetch([plan], then=seen.append, delay=0.01)  # no move: it runs
+    thread.join(JOIN)
+    assert seen == [plan] and plan in lab.engine.cached_plans
