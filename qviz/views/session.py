@@ -208,8 +208,11 @@ class Controller:
         )
 
     def start(self) -> None:
+        """The first results. No first look here: a page that is still being sent (Voila sends
+        the widgets' state as it was when the cell ran) would miss the figures' first ranges
+        and titles, which the whole result then leaves as they are."""
         self.request_pareto()
-        self.request_compare()
+        self.request_compare(first_look=False)
 
     # cancellation ---------------------------------------------------------------------------
     def _fresh_cancel(self, kind: str) -> threading.Event:
@@ -259,9 +262,11 @@ class Controller:
             return None
 
     # compare --------------------------------------------------------------------------------
-    def request_compare(self, *_events) -> None:
+    def request_compare(self, *_events, first_look: bool = True) -> None:
         """Compare the current settings (instant when cached), and the second plan beside it
-        when there is one; supersedes older requests. The budget plan: ``_request_budget``."""
+        when there is one; supersedes older requests. A plan not cached shows its
+        ``first_look`` first (the prompt's views), then the whole result. The budget plan:
+        ``_request_budget``."""
         s = self.state
         if self._closed:
             return
@@ -297,7 +302,7 @@ class Controller:
         say = self._start("compare", self._first_status(first))
 
         def work():  # progressive: what the prompt alone shows first, then the pooled CKA
-            looks = [self._compare_one(p, prompt, target, cancel, say, True) for p in plans]
+            looks = [self._compare_one(p, prompt, target, cancel, say, first_look) for p in plans]
             pending = [c.plan_label for c in looks if is_first_look(c)]
             if not pending:
                 return result(*looks)

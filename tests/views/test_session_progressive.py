@@ -67,6 +67,8 @@ def test_a_new_plan_shows_the_prompt_views_first_then_the_pooled_cka_and_verdict
     ctl, rec = controller(lab, state)
     ctl.start()
     assert ctl.wait(JOIN)
+    # the page's first result comes whole (a page still being sent keeps the first ranges)
+    assert [look for _, look, _, _ in rec.shown] == [False]
     rec.clear()
     state.bits = 3
     assert ctl.wait(JOIN)
