@@ -115,6 +115,19 @@ def is_notebook_comm() -> bool:
     return "ipykernel" in sys.modules and not (pn.state.curdoc and pn.state.curdoc.session_context)
 
 
+def in_kernel() -> bool:
+    """True inside a running Jupyter kernel (a notebook, JupyterLab or Voila)."""
+    import sys
+
+    if "ipykernel" not in sys.modules:
+        return False
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    return getattr(get_ipython(), "kernel", None) is not None
+
+
 def server_doc():
     """This session's bokeh document under a Panel server, else None (notebook, scripts)."""
     doc = pn.state.curdoc
@@ -183,7 +196,13 @@ class Controller:
 
     KINDS = ("compare", "trace", "pareto")
 
-    def __init__(self, backend: Backend, state: DashboardState, dispatch=None) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        state: DashboardState,
+        dispatch=None,
+        prefetch_results: bool | None = None,
+    ) -> None:
         self.backend = backend
         self.lab = backend.lab  # held strongly while this session lives (the Backend is weak)
         self.state = state
@@ -201,6 +220,12 @@ class Controller:
         self._prefetch_stop = threading.Event()
         self.prefetching: threading.Thread | None = None  # the last prefetch (tests join it)
         self._last_bits: int | None = None  # of the last result shown: the slider's direction
+        # whole results prefetched, not only weights; not in a Jupyter kernel, where results
+        # reach the figures on the worker thread: a prefetched (instant) result would race the
+        # kernel's handling of the next widget message (bokeh documents are not thread-safe)
+        if prefetch_results is None:
+            prefetch_results = not (in_kernel() and server_doc() is None)
+        self.prefetch_results = prefetch_results
         settings = [*DashboardState.SETTINGS, *DashboardState.SETTINGS2]
         state.param.watch(self.request_compare, settings)
         state.param.watch(
@@ -431,7 +456,8 @@ class Controller:
         stops before its next forward pass at the next request, the Cancel button or a closed
         session. The neighbour in the direction of the last move goes first. Round-to-nearest
         only: its weights cost tens of ms a plan (HQQ or GGUF encoding would hold the engine
-        for seconds). ``QVIZ_PREFETCH=0``: off; ``=weights``: the weights only."""
+        for seconds). ``QVIZ_PREFETCH=0``: off; ``=weights`` (and in a Jupyter kernel, see
+        ``prefetch_results``): the weights only."""
         s = self.state
         mode = os.environ.get("QVIZ_PREFETCH", "1")
         if self._closed or s.budget_on or s.method != "rtn" or mode == "0":
@@ -441,7 +467,9 @@ class Controller:
         self._last_bits = bits
         order = (bits + 1, bits - 1) if last is not None and last < bits else (bits - 1, bits + 1)
         plans = [plan_for(s, b) for b in order if 2 <= b <= 8]
-        whole = {} if mode == "weights" else {"prompt": s.prompt, "target": s.target}
+        whole = {"prompt": s.prompt, "target": s.target}
+        if mode == "weights" or not self.prefetch_results:
+            whole = {}
         try:
             self.prefetching = self.backend.prefetch(
                 plans, cancel=self._prefetch_stop, delay=PREFETCH_PAUSE_S, **whole

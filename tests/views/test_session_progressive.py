@@ -293,3 +293,23 @@ def test_a_move_within_the_idle_pause_prefetches_nothing():
     thread = lab.prefetch([plan], then=seen.append, delay=0.01)  # no move: it runs
     thread.join(JOIN)
     assert seen == [plan] and plan in lab.engine.cached_plans
+
+
+def test_in_a_jupyter_kernel_only_weights_are_prefetched(monkeypatch):
+    """There the results reach the figures on the worker thread: an instant prefetched result
+    would race the kernel's handling of the next widget message."""
+    import qviz.views.session as session
+
+    monkeypatch.delenv("QVIZ_PREFETCH", raising=False)
+    monkeypatch.setattr(session, "in_kernel", lambda: True)
+    lab, state = tiny_lab(), tiny_state()
+    for kw in ({}, {"dispatch": lambda fn: fn()}):  # the Panel and the ipywidgets fronts
+        other = Controller(Backend(lab), tiny_state(), **kw)
+        assert not other.prefetch_results
+        other.close()
+    ctl = Controller(Backend(lab), state, dispatch=lambda fn: fn(), prefetch_results=False)
+    ctl.start()
+    assert ctl.wait(JOIN)
+    assert plan_for(state, 3) in set(lab.engine.cached_plans)
+    assert ctl.backend.peek(Backend.compare_key(PROMPT, "a", plan_for(state, 3))) is None
+    ctl.close()
