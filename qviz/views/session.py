@@ -14,6 +14,7 @@ engine or the bundled data.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -36,6 +37,7 @@ from qviz.views.backend import (  # noqa: F401 (re-exported)
 )
 from qviz.views.state import DashboardState
 
+log = logging.getLogger(__name__)
 PREFETCH_PAUSE_S = 0.3  # idle time after a result before the neighbours are prefetched
 
 
@@ -354,7 +356,10 @@ class Controller:
             if not self._closed and self._workers["compare"].token == say.token:
                 self._show(result, status, busy=True)
 
-        self._dispatch(show)
+        try:  # as with a Worker's delivery: a failure to show it never stops the work
+            self._dispatch(show)
+        except Exception:  # noqa: BLE001 - e.g. a front's push failing off its thread
+            log.warning("qviz: a first look could not be shown", exc_info=True)
 
     def _start(self, kind: str, status: str):
         """Busy with ``status``; returns ``say(msg)`` reporting while ``say.token`` is newest."""
