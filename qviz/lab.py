@@ -401,13 +401,20 @@ class Lab:
         self.engine.materialize(plan, cancel=cancel, on_progress=on_progress)
 
     def prefetch(
-        self, plans: Sequence[QuantPlan], cancel: threading.Event | None = None
+        self,
+        plans: Sequence[QuantPlan],
+        cancel: threading.Event | None = None,
+        then: Callable[[QuantPlan], object] | None = None,
+        delay: float = 0.0,
     ) -> threading.Thread:
         """Materialize ``plans`` in the background (e.g. the neighbouring bit-widths while the
-        dashboard is idle) within the engine's budget (``QVIZ_CACHE_BYTES``), never evicting
-        a cached plan for them; returns the started thread at once. Set ``cancel`` to stop it
-        before its next plan. See ``QuantEngine.prefetch``."""
-        return self.engine.prefetch(plans, cancel=cancel)
+        dashboard is idle) within the engine's budget (``QVIZ_CACHE_BYTES``), evicting for
+        them only plans used before the one in use; returns the started thread at once. Set
+        ``cancel`` to stop it before its next plan. ``then(plan)``: more work in that thread
+        once a plan's weights are cached, e.g. ``lambda p: lab.compare(prompt, target, p,
+        cancel=cancel)`` to have the whole comparison ready; ``delay``: seconds to wait first
+        (an idle pause). See ``QuantEngine.prefetch``."""
+        return self.engine.prefetch(plans, cancel=cancel, then=then, delay=delay)
 
     def memory_table(self, plans, n_facts: int = 0, cancel=None):
         """MemoryTable: weight MiB, effective bits and (``n_facts`` > 0) accuracy per plan."""

@@ -122,9 +122,15 @@ def test_compare_and_uncached_ui_figures_on_a_tiny_model(capsys):
     assert r["revisit_ms"] > 0 and r["pooled_ratio"] > 0 and r["many_ratio"] > 0
     out = capsys.readouterr().out
     assert "revisit" in out and "2 plain forwards" in out and "4 prompts vs 1" in out
-    plans = [QuantPlan.uniform(QuantConfig(b, 32)) for b in (3, 5, 6, 8)]
-    u = uncached_figures(lab, "abcdefghij", 5, plans, cka_context=0)
+    u = uncached_figures(lab, "abcdefghij", "a", moves=2, groups=(32, None))
     json.dumps(u)
     assert u["moves"] == 2 and u["ratio"] == u["median_ms"] / 1e3
-    assert set(plans) <= set(lab.engine.cached_plans)  # every move materialized its plan
-    assert "prefetched while idle" in capsys.readouterr().out
+    assert 0 < u["first_paint_ms"] <= u["median_ms"]  # the first paint comes before the whole
+    assert u["prefetched_found"] == 2  # each one-bit step found its neighbour prefetched
+    assert u["interrupted_first_paint_ms"] > 0
+    cached = set(lab.engine.cached_plans)
+    for g, s in ((32, True), (None, True), (None, False)):  # every move materialized its plan
+        assert QuantPlan.uniform(QuantConfig(3, g, symmetric=s)) in cached
+    out = capsys.readouterr().out
+    assert "never seen, never prefetched" in out and "first paint" in out
+    assert "prefetched neighbour" in out and "target <= 1000 ms" in out

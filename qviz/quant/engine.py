@@ -312,42 +312,83 @@ class QuantEngine:
         return sum(t.param.numel() * t.param.element_size() for t, _ in self.targets(plan))
 
     def prefetch(
-        self, plans: Sequence[QuantPlan], cancel: threading.Event | None = None
+        self,
+        plans: Sequence[QuantPlan],
+        cancel: threading.Event | None = None,
+        then: Callable[[QuantPlan], object] | None = None,
+        delay: float = 0.0,
     ) -> threading.Thread:
-        """Materialize ``plans`` in order in a background thread and return it at once (started).
+        """Materialize ``plans`` in order in a background thread and return it at once (started),
+        after ``delay`` seconds (an idle pause: a ``cancel`` set meanwhile ends it at once).
 
-        Speculative and polite: a plan is skipped if it is cached already, fails ``check`` or
-        has a calibrated method (GPTQ: minutes of every core); the thread stops at the first
-        plan that would not fit in ``budget_bytes`` next to the cached ones (so nothing is
-        evicted for it) and as soon as ``cancel`` is set (checked before each plan). Each plan
-        is computed under the lock (one RTN plan: tens of ms) and enters the cache as its
-        *least* recently used entry: a later plan evicts prefetched ones before the plan in use.
-        An error ends the thread quietly (``thread.error``); the plan is computed again on use.
+        Speculative and polite: a plan is skipped if it fails ``check`` or has a calibrated
+        method (GPTQ: minutes of every core). To make room within ``budget_bytes`` it evicts
+        least recently used plans, never the plan in use (the most recently used one with
+        weights when the thread starts) nor the ones this thread prefetched; it stops at the
+        first plan that would not fit even so, and as soon as ``cancel`` is set (checked before
+        each plan).
+        Each plan is computed under the lock (one RTN plan: tens of ms) and enters the cache as
+        its *least* recently used entry: a later plan evicts prefetched ones before the plan in
+        use. ``then(plan)`` (optional) runs in the thread, outside the lock, after each plan
+        whose weights are cached (already or now): more speculative work on those weights (e.g.
+        the dashboard's comparison); a ``qviz.cancel.Cancelled`` from it ends the thread
+        quietly. An error ends the thread quietly (``thread.error``); the plan is computed
+        again on use.
         """
         plans = list(plans)
+        keep: set[QuantPlan] = set()  # the plan in use, then the ones prefetched
+
+        def room(nbytes: int) -> bool:
+            """Evict old plans (none of ``keep``) until ``nbytes`` more fit; False: cannot."""
+            free = self.budget_bytes - sum(self._sizes.values())
+            old = [p for p in self._cache if p not in keep and self._sizes.get(p, 0) > 0]
+            if free + sum(self._sizes[p] for p in old) < nbytes:
+                return False
+            for p in old:  # least recently used first
+                if free >= nbytes:
+                    break
+                free += self._sizes.pop(p)
+                del self._cache[p]
+            return True
+
+        def ready(plan: QuantPlan) -> bool | None:
+            """Whether ``plan``'s weights are cached now; None: stop the thread."""
+            try:
+                self.check(plan)
+            except ValueError:
+                return False
+            with self.lock:
+                if any(METHODS.get_method(c.method).calibrated for _, c in self.targets(plan)):
+                    return False
+                keep.add(plan)
+                if plan in self._cache:
+                    return True
+                if not room(self.plan_bytes(plan)):
+                    return None
+                self.materialize(plan)
+                if plan in self._cache:
+                    self._cache.move_to_end(plan, last=False)
+                return plan in self._cache
 
         def work() -> None:
+            if delay > 0 and (cancel or threading.Event()).wait(delay):
+                return
+            with self.lock:  # taken here, never in the caller's (e.g. a UI) thread
+                keep.update([p for p in self._cache if self._sizes.get(p)][-1:])
             for plan in plans:
                 if cancel is not None and cancel.is_set():
                     return
                 try:
-                    self.check(plan)
-                except ValueError:
-                    continue
-                with self.lock:
-                    if plan in self._cache or any(
-                        METHODS.get_method(c.method).calibrated for _, c in self.targets(plan)
-                    ):
-                        continue
-                    if sum(self._sizes.values()) + self.plan_bytes(plan) > self.budget_bytes:
+                    got = ready(plan)
+                    if got is None:
                         return
-                    try:
-                        self.materialize(plan)
-                    except Exception as err:  # noqa: BLE001 - speculative work: report, stop
-                        thread.error = err
-                        return
-                    if plan in self._cache:
-                        self._cache.move_to_end(plan, last=False)
+                    if got and then is not None:
+                        then(plan)
+                except Cancelled:
+                    return
+                except Exception as err:  # noqa: BLE001 - speculative work: report, stop
+                    thread.error = err
+                    return
 
         thread = threading.Thread(target=work, name="qviz prefetch", daemon=True)
         thread.error = None

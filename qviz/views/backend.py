@@ -14,18 +14,24 @@ Views see only the Lab's methods and result objects (``compare``, ``trace``, ``p
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 
+import numpy as np
+
 from qviz.lab import CKA_CONTEXT
 from qviz.quant.config import QuantConfig, QuantPlan
-from qviz.results import Comparison, PatchGrid
+from qviz.results import Comparison, LayerMap, PatchGrid
 from qviz.views.state import DashboardState
 
 PARETO_BITS = (2, 3, 4, 5, 6, 8)
+# whole-plan moves of the budget slider's local search (lab.prescribe's refine_passes): at 3 bits
+# on SmolLM2, 16 moves (~6 s) take the calibration KL from 6.23 to 4.79, 64 (~19 s) to 4.48
+REFINE_PASSES = 16
 N_FACTS = 60  # facts per accuracy point in the dashboard (the report takes --facts)
 
 
@@ -34,6 +40,27 @@ def call_with_cancel(fn: Callable, *args, cancel: threading.Event | None = None,
     if cancel is not None and "cancel" in inspect.signature(fn).parameters:
         kw["cancel"] = cancel
     return fn(*args, **kw)
+
+
+@dataclasses.dataclass
+class PendingMap(LayerMap):
+    """The CKA map of a first look (``Backend.first_look``): every cell NaN (drawn grey) while
+    the pooled context runs; its caption says so."""
+
+    @property
+    def how(self) -> str:
+        return f"computing, pooled over {self.n_prompts} prompts ..."
+
+    @staticmethod
+    def like(cka: LayerMap, n_prompts: int) -> PendingMap:
+        n = cka.values.shape[0]
+        return PendingMap(np.full((n, n), np.nan), 0, cka.estimator, n_prompts=n_prompts,
+                          drop_first=True)  # fmt: skip
+
+
+def is_first_look(cmp: Comparison | None) -> bool:
+    """Whether ``cmp`` is a first look: its CKA map and verdict still computing."""
+    return cmp is not None and isinstance(cmp.cka, PendingMap)
 
 
 class Backend:
@@ -104,6 +131,30 @@ class Backend:
             ),
         )
 
+    def first_look(
+        self, prompt: str, target: str, plan: QuantPlan, cancel: threading.Event | None = None
+    ) -> Comparison:
+        """What the one prompt shows of ``plan`` before the pooled CKA context is run: the
+        comparison itself when cached, else the views of the prompt alone -- logit lens,
+        attention, FFN and residual, equal to the full comparison's (they pool the prompt
+        only) -- with the CKA map pending (``PendingMap``, NaN), no verdict and no isolation
+        test (the verdict's evidence: the CKA diagonal and that test). Its forwards and lens
+        are cached in the Lab, so ``compare`` then adds only the isolation test, the context's
+        forward and the CKA."""
+        full = self.peek(self.compare_key(prompt, target, plan))
+        if full is not None:
+            return full
+        lab = self.lab
+
+        def compute() -> Comparison:
+            cmp = call_with_cancel(lab.compare, prompt, target=target, plan=plan, cka_context=0,
+                                   isolation=False, cancel=cancel)  # fmt: skip
+            return dataclasses.replace(
+                cmp, cka=PendingMap.like(cmp.cka, 1 + CKA_CONTEXT), verdict=None
+            )
+
+        return self._cached(("first look", prompt, target, plan), compute)
+
     def trace(
         self,
         prompt: str,
@@ -149,7 +200,8 @@ class Backend:
         """``lab.prescribe`` for the dashboard (no baselines, no greedy search, no check): the
         per-layer sensitivity of (method, group size) is measured once and reused by every
         later budget, so only the first call spends the ~L x 4 forward passes
-        (``progress(done, total)`` after each of them)."""
+        (``progress(done, total)`` after each of them); each budget then measures its starting
+        plans whole and tries ``REFINE_PASSES`` moves (seconds, not the default 64)."""
         lab = self.lab
 
         def compute():
@@ -157,16 +209,31 @@ class Backend:
             kw = {"sensitivity": sens} if sens is not None else {}
             pres = lab.prescribe(
                 float(budget), methods=(method,), group_size=group_size, cancel=cancel,
-                progress=progress, baselines=False, greedy=False, check=False, **kw,
+                progress=progress, baselines=False, greedy=False, check=False,
+                refine_passes=REFINE_PASSES, **kw,
             )  # fmt: skip
             self._cached(("sensitivity", method, group_size), lambda: pres.sensitivity)
             return pres
 
         return self._cached(("prescribe", float(budget), method, group_size), compute)
 
-    def prefetch(self, plans: list[QuantPlan], cancel: threading.Event | None = None):
-        """Materialize ``plans`` in the background (``Lab.prefetch``); the started thread."""
-        return self.lab.prefetch(plans, cancel=cancel)
+    def prefetch(
+        self,
+        plans: list[QuantPlan],
+        cancel: threading.Event | None = None,
+        prompt: str | None = None,
+        target: str | None = None,
+        delay: float = 0.0,
+    ) -> threading.Thread:
+        """Materialize ``plans`` in the background (``Lab.prefetch``: within the engine's
+        budget, never evicting the plan in use), and with ``prompt`` and ``target`` also their
+        whole comparison into this cache, each plan's right after its weights; the started
+        thread. A set ``cancel`` stops it before its next forward pass; ``delay``: seconds of
+        idle pause first."""
+        then = None
+        if prompt is not None:
+            then = lambda plan: self.compare(prompt, target, plan, cancel=cancel)  # noqa: E731
+        return self.lab.prefetch(plans, cancel=cancel, then=then, delay=delay)
 
     def uniform_within(self, budget: float, method: str, group_size) -> tuple | None:
         """(plan, decoder bits/weight) of the uniform plan of ``method`` with the most bits

@@ -14,6 +14,7 @@ engine or the bundled data.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -24,15 +25,20 @@ import panel as pn
 from qviz.cancel import Cancelled
 from qviz.quant.config import QuantConfig, QuantPlan
 from qviz.views.backend import (  # noqa: F401 (re-exported)
+    CKA_CONTEXT,
     N_FACTS,
     PARETO_BITS,
     Backend,
     backend_for,
     call_with_cancel,
+    is_first_look,
     needs_calibration,
     plan_for,
 )
 from qviz.views.state import DashboardState
+
+log = logging.getLogger(__name__)
+PREFETCH_PAUSE_S = 0.3  # idle time after a result before the neighbours are prefetched
 
 
 class Worker:
@@ -111,6 +117,19 @@ def is_notebook_comm() -> bool:
     return "ipykernel" in sys.modules and not (pn.state.curdoc and pn.state.curdoc.session_context)
 
 
+def in_kernel() -> bool:
+    """True inside a running Jupyter kernel (a notebook, JupyterLab or Voila)."""
+    import sys
+
+    if "ipykernel" not in sys.modules:
+        return False
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    return getattr(get_ipython(), "kernel", None) is not None
+
+
 def server_doc():
     """This session's bokeh document under a Panel server, else None (notebook, scripts)."""
     doc = pn.state.curdoc
@@ -179,7 +198,13 @@ class Controller:
 
     KINDS = ("compare", "trace", "pareto")
 
-    def __init__(self, backend: Backend, state: DashboardState, dispatch=None) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        state: DashboardState,
+        dispatch=None,
+        prefetch_results: bool | None = None,
+    ) -> None:
         self.backend = backend
         self.lab = backend.lab  # held strongly while this session lives (the Backend is weak)
         self.state = state
@@ -196,6 +221,18 @@ class Controller:
         self._budget_key = None
         self._prefetch_stop = threading.Event()
         self.prefetching: threading.Thread | None = None  # the last prefetch (tests join it)
+        self._last_bits: int | None = None  # of the last result shown: the slider's direction
+        # whole results prefetched, not only weights; not in a Jupyter kernel, where results
+        # reach the figures on the worker thread: a prefetched (instant) result would race the
+        # kernel's handling of the next widget message (bokeh documents are not thread-safe)
+        kernel_front = in_kernel() and server_doc() is None
+        if prefetch_results is None:
+            prefetch_results = not kernel_front
+        self.prefetch_results = prefetch_results
+        # two-step paint (the prompt's views, then the pooled CKA) where results reach the
+        # figures through the server's loop; a kernel front gets whole results, as the same
+        # race (two updates of one move from the worker thread) made Voila's test flaky
+        self.first_looks = not kernel_front
         settings = [*DashboardState.SETTINGS, *DashboardState.SETTINGS2]
         state.param.watch(self.request_compare, settings)
         state.param.watch(
@@ -203,8 +240,11 @@ class Controller:
         )
 
     def start(self) -> None:
+        """The first results. No first look here: a page that is still being sent (Voila sends
+        the widgets' state as it was when the cell ran) would miss the figures' first ranges
+        and titles, which the whole result then leaves as they are."""
         self.request_pareto()
-        self.request_compare()
+        self.request_compare(first_look=False)
 
     # cancellation ---------------------------------------------------------------------------
     def _fresh_cancel(self, kind: str) -> threading.Event:
@@ -254,9 +294,11 @@ class Controller:
             return None
 
     # compare --------------------------------------------------------------------------------
-    def request_compare(self, *_events) -> None:
+    def request_compare(self, *_events, first_look: bool = True) -> None:
         """Compare the current settings (instant when cached), and the second plan beside it
-        when there is one; supersedes older requests. The budget plan: ``_request_budget``."""
+        when there is one; supersedes older requests. A plan not cached shows its
+        ``first_look`` first (the prompt's views), then the whole result. The budget plan:
+        ``_request_budget``."""
         s = self.state
         if self._closed:
             return
@@ -291,10 +333,39 @@ class Controller:
         first = plans[0] if cached[0] is None else plans[1]
         say = self._start("compare", self._first_status(first))
 
-        def work():
-            return result(*[self._compare_one(p, prompt, target, cancel, say) for p in plans])
+        def work():  # progressive: what the prompt alone shows first, then the pooled CKA
+            look = first_look and self.first_looks
+            looks = [self._compare_one(p, prompt, target, cancel, say, look) for p in plans]
+            pending = [c.plan_label for c in looks if is_first_look(c)]
+            if not pending:
+                return result(*looks)
+            self._post_first_look(say, result(*looks), pending)
+            full = self.backend.compare  # the plans are prepared: the CKA context's forward
+            return result(
+                *[
+                    full(prompt, target, p, cancel=cancel) if is_first_look(c) else c
+                    for p, c in zip(plans, looks, strict=True)
+                ]
+            )
 
         say.token = self._workers["compare"].submit(work)
+
+    def _post_first_look(self, say, result: dict, pending: list[str]) -> None:
+        """Show a first look from the worker thread (on the UI thread), while its request is
+        still the newest; busy stays on and the status names the part still computing."""
+        status = (
+            f"{' and '.join(pending)}: prompt views shown; CKA map and verdict computing "
+            f"over {1 + CKA_CONTEXT} prompts ..."
+        )
+
+        def show() -> None:
+            if not self._closed and self._workers["compare"].token == say.token:
+                self._show(result, status, busy=True)
+
+        try:  # as with a Worker's delivery: a failure to show it never stops the work
+            self._dispatch(show)
+        except Exception:  # noqa: BLE001 - e.g. a front's push failing off its thread
+            log.warning("qviz: a first look could not be shown", exc_info=True)
 
     def _start(self, kind: str, status: str):
         """Busy with ``status``; returns ``say(msg)`` reporting while ``say.token`` is newest."""
@@ -312,14 +383,18 @@ class Controller:
             return f"preparing {plan.label}: capturing calibration inputs ..."
         return f"computing {plan.label} ..."
 
-    def _compare_one(self, plan, prompt: str, target: str, cancel, say):
-        """Prepare ``plan`` (progress per layer) and compare it with full precision."""
-        key = Backend.compare_key(prompt, target, plan)
-        cached = self.backend.peek(key)
+    def _compare_one(self, plan, prompt: str, target: str, cancel, say, first_look=False):
+        """Prepare ``plan`` (progress per layer) and compare it with full precision; with
+        ``first_look``, only what the prompt alone shows of it (``Backend.first_look``). The
+        whole comparison when it is cached."""
+        cached = self.backend.peek(Backend.compare_key(prompt, target, plan))
         if cached is not None:
             return cached
         say(self._first_status(plan))
         self.lab.prepare(plan, cancel=cancel, on_progress=Progress(plan.label, say))
+        if first_look:
+            say(f"comparing {plan.label} with full precision on the prompt ...")
+            return self.backend.first_look(prompt, target, plan, cancel=cancel)
         say(f"comparing {plan.label} with full precision ...")
         return self.backend.compare(prompt, target, plan, cancel=cancel)
 
@@ -368,29 +443,48 @@ class Controller:
             s.error = f"{type(error).__name__}: {error}"
             self._set_busy("compare", False, "")
             return
-        cmp, cmp2 = result["comparison"], result["comparison2"]
+        shown = " beside ".join(
+            c.plan_label for c in (result["comparison"], result["comparison2"]) if c is not None
+        )
+        self._show(result, f"showing {shown}", busy=False)
+        self._prefetch_neighbours()
+
+    def _show(self, result: dict, status: str, busy: bool) -> None:
+        """Put a compare result (or a first look) into the state, on the UI thread."""
+        s = self.state
         updates = {**result, "error": ""}
-        n = len(cmp.ffn.flip_rate)
+        n = len(result["comparison"].ffn.flip_rate)
         if s.selected_layer is None or s.selected_layer >= n:
             updates["selected_layer"] = n // 2
         s.param.update(**updates)
-        shown = " beside ".join(c.plan_label for c in (cmp, cmp2) if c is not None)
-        self._set_busy("compare", False, f"showing {shown}")
-        self._prefetch_neighbours()
+        self._set_busy("compare", busy, status)
 
     def _prefetch_neighbours(self) -> None:
-        """While idle, materialize the bit-widths next to the one shown (within the engine's
-        budget, never evicting; stopped by the next request). Round-to-nearest only: it costs
-        tens of ms a plan (HQQ or GGUF encoding would hold the engine for seconds).
-        ``QVIZ_PREFETCH=0``: off."""
+        """While idle, compute the bit-widths next to the one shown, one after the other: the
+        weights (within the engine's budget, never evicting the plan in use) then the whole
+        comparison of the prompt shown, so a slider step there shows at once. It starts after
+        ``PREFETCH_PAUSE_S`` of idle time (quick moves and the page's own updates go first) and
+        stops before its next forward pass at the next request, the Cancel button or a closed
+        session. The neighbour in the direction of the last move goes first. Round-to-nearest
+        only: its weights cost tens of ms a plan (HQQ or GGUF encoding would hold the engine
+        for seconds). ``QVIZ_PREFETCH=0``: off; ``=weights`` (and in a Jupyter kernel, see
+        ``prefetch_results``): the weights only."""
         s = self.state
-        off = os.environ.get("QVIZ_PREFETCH", "1") == "0"
-        if self._closed or s.budget_on or s.method != "rtn" or off:
+        mode = os.environ.get("QVIZ_PREFETCH", "1")
+        if self._closed or s.budget_on or s.method != "rtn" or mode == "0":
             return
         self._prefetch_stop = threading.Event()
-        plans = [plan_for(s, b) for b in (int(s.bits) - 1, int(s.bits) + 1) if 2 <= b <= 8]
+        bits, last = int(s.bits), self._last_bits
+        self._last_bits = bits
+        order = (bits + 1, bits - 1) if last is not None and last < bits else (bits - 1, bits + 1)
+        plans = [plan_for(s, b) for b in order if 2 <= b <= 8]
+        whole = {"prompt": s.prompt, "target": s.target}
+        if mode == "weights" or not self.prefetch_results:
+            whole = {}
         try:
-            self.prefetching = self.backend.prefetch(plans, cancel=self._prefetch_stop)
+            self.prefetching = self.backend.prefetch(
+                plans, cancel=self._prefetch_stop, delay=PREFETCH_PAUSE_S, **whole
+            )
         except (ValueError, ImportError):  # a plan the model cannot take: nothing to prefetch
             pass
 
@@ -451,11 +545,15 @@ class Controller:
             self.state.pareto_rows = result
         self._set_busy("pareto", False, None)
 
-    def wait(self, timeout: float | None = 60) -> bool:
-        """Block until queued work is done (scripts and tests; never call it in a callback)."""
+    def wait(self, timeout: float | None = 60, prefetch: bool = True) -> bool:
+        """Block until queued work is done, the idle prefetch too unless ``prefetch`` is
+        False (scripts and tests; never call it in a callback)."""
         ok = True
         for w in self._workers.values():
             ok = w.wait(timeout) and ok
+        if prefetch and self.prefetching is not None:
+            self.prefetching.join(timeout)
+            ok = ok and not self.prefetching.is_alive()
         return ok
 
 
