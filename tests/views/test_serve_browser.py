@@ -137,8 +137,12 @@ def test_fast_key_presses_under_load_end_where_the_last_press_asked(server, chro
     import sys
 
     page, rec = _open(chrome, server)
+    from playwright.sync_api import expect
+
     press_slider(page, "ArrowLeft")  # 4 -> 3: the 3-bit data's fingerprint, for reference
     wait_plan(page, 3)
+    # the whole result, not the first look (the prompt's views, the CKA map still computing)
+    expect(page.locator(".qviz-busy").first).to_be_hidden(timeout=TIMEOUT_MS)
     fp3 = cka_fingerprint(page)
     press_slider(page, "ArrowRight")
     wait_plan(page, 4)
@@ -151,8 +155,6 @@ def test_fast_key_presses_under_load_end_where_the_last_press_asked(server, chro
             handle.press(key)
         assert _slider_value(page) == 3
         wait_plan(page, 3)
-        from playwright.sync_api import expect
-
         status = page.locator(".qviz-status").first
         expect(status).to_contain_text("showing rtn3-g128", timeout=TIMEOUT_MS)
         expect(page.locator(".qviz-busy").first).to_be_hidden(timeout=TIMEOUT_MS)
