@@ -6,6 +6,8 @@
 # .dev/smol (its config.json and tokenizer files), with random weights; every figure below
 # depends on the shapes, not on the weights' values.
 # QVIZ_GPU_BENCHES: the benchmarks to run (default: quant compare trace ui-uncached gptq).
+# ui-uncached drives the dashboard's own views, so it needs Panel and bokeh there (carry their
+# wheels, see the device notes); without them it fails alone and the others still run.
 # Writes OUT_DIR/log.txt (everything printed) and OUT_DIR/bench.jsonl (one JSON line per bench).
 set -u
 out=$1
