@@ -16,7 +16,7 @@ def quant_figures(model, bits=(2, 3, 4, 8), group_size: int = 128, repeat: int =
     the middle bit-width (4 of 2/3/4/8), as printed."""
     import torch
 
-    from qviz.quant import QuantConfig, QuantPlan, fused
+    from qviz.quant import QuantConfig, QuantPlan, fused, rtn
     from qviz.quant.engine import QuantEngine, targets
 
     print(
@@ -31,10 +31,11 @@ def quant_figures(model, bits=(2, 3, 4, 8), group_size: int = 128, repeat: int =
             w = t.param.data
             fused.prepare(w.t() if t.layout == "in_out" else w, cfg)
     fused.wait()
-    for plan in plans.values():  # on a GPU: queues the stacked layouts (``rtn.stacks_on``)
-        engine.materialize(plan)
-    engine.clear()
-    fused.wait()
+    if rtn.stacks_on(next(model.parameters()).device):  # queue the stacked layouts too
+        for plan in plans.values():
+            engine.materialize(plan)
+        engine.clear()
+        fused.wait()
     compile_s = time.perf_counter() - t0
     st = fused.status()
     state = "broken: " + st["broken"] if st["broken"] else f"{st['ready']} layouts ready"
