@@ -18,7 +18,7 @@ from bokeh.plotting import figure
 
 from qviz.views.figure import TOOLS
 from qviz.views.sweep_plots import pareto_front
-from qviz.views.sweep_tab import _line
+from qviz.views.sweep_tab import FileTab
 
 # the columns the chart needs (qviz.studies.frontier.COLUMNS has them all)
 REQUIRED = ("model", "plan", "bits", "weight_mib", "bits_per_byte")
@@ -122,49 +122,28 @@ def frontier_figure(frame: pd.DataFrame, height: int = 360, width: int = 640):
     return fig
 
 
-class FrontierTab(pn.viewable.Viewer):
+class FrontierTab(FileTab):
     """Load a ``qviz frontier`` table; show memory against bits per byte with its front."""
 
+    file_error = FrontierFileError
+
     def __init__(self, path: str | None = None, **params) -> None:
-        super().__init__(**params)
-        self.frame: pd.DataFrame | None = None
-        self.path_input = pn.widgets.TextInput(
-            name="Frontier table (qviz frontier --json or --csv)", value=path or DEFAULT_OUT,
-            width=420, css_classes=["qviz-frontier-path"],
-        )  # fmt: skip
-        self.load_button = pn.widgets.Button(name="Load", button_type="primary", align="end")
-        self.load_button.on_click(lambda _e: self.load())
-        self.path_input.param.watch(lambda _e: self.load(), "enter_pressed")
-        self.message = pn.pane.HTML("", css_classes=["qviz-frontier-message"], width=900)
+        label = "Frontier table (qviz frontier --json or --csv)"
+        super().__init__(path, DEFAULT_OUT, label, "qviz-frontier", **params)
         self.chart = pn.Column()
-        if Path(self.path_input.value).expanduser().is_file():
-            self.load()
+        self.load_if_there()
 
-    def load(self, path: str | None = None) -> bool:
-        """Read ``path`` (else the typed one) and draw it; False (and a message) when it fails."""
-        if path is not None:
-            self.path_input.value = path
-        path = self.path_input.value
-        try:
-            frame = load_frontier(path)
-            fig = frontier_figure(frame)
-        except FrontierFileError as err:
-            return self._fail(str(err))
-        except Exception as err:  # anything else the reader or figure raises: still a message
-            return self._fail(f"{path}: cannot show ({type(err).__name__}: {err})")
-        self.frame = frame
+    read = staticmethod(load_frontier)
+
+    def show(self, frame: pd.DataFrame) -> None:
+        self.chart[:] = [pn.pane.Bokeh(frontier_figure(frame))]
+
+    def summary(self, frame: pd.DataFrame, path: str) -> str:
         models = ", ".join(dict.fromkeys(frame["model"].astype(str)))
-        self.message.object = _line(
-            f"{Path(path).name}: {len(frame)} rows; models {models}", "qviz-sweep-summary"
-        )
-        self.chart[:] = [pn.pane.Bokeh(fig)]
-        return True
+        return f"{Path(path).name}: {len(frame)} rows; models {models}"
 
-    def _fail(self, msg: str) -> bool:
-        self.frame = None
-        self.message.object = _line(msg, "qviz-sweep-error")
+    def clear(self) -> None:
         self.chart[:] = []
-        return False
 
     def __panel__(self):
         return pn.Column(pn.Row(self.path_input, self.load_button), self.message, self.chart)

@@ -99,30 +99,28 @@ def summary(frame: pd.DataFrame, path: str | os.PathLike) -> str:
     return f"{Path(path).name}: {len(frame)} cells ({errors} errors); models {models}; {methods}"
 
 
-class SweepTab(pn.viewable.Viewer):
-    """Load a sweep results file; show its heatmaps (one model, one plan) and Pareto chart."""
+class FileTab(pn.viewable.Viewer):
+    """A results file's tab: a path box, a Load button and a message line above what the file
+    shows. ``load`` reads it (``read``), draws it (``show``) and says ``summary``, or says why
+    not (the reader's ``file_error`` as it words it, anything else as "cannot show") and
+    ``clear``s. Subclasses build their own widgets, then call ``load_if_there``."""
 
-    def __init__(self, path: str | None = None, **params) -> None:
+    file_error: type[Exception] = ValueError
+
+    def __init__(self, path: str | None, default: str, label: str, css: str, **params) -> None:
         super().__init__(**params)
-        w = pn.widgets
         self.frame: pd.DataFrame | None = None
-        self.path_input = w.TextInput(
-            name="Sweep results file (qviz sweep --out)", value=path or DEFAULT_OUT, width=420,
-            css_classes=["qviz-sweep-path"],
-        )  # fmt: skip
-        self.load_button = w.Button(name="Load", button_type="primary", align="end")
+        self.path_input = pn.widgets.TextInput(
+            name=label, value=path or default, width=420, css_classes=[f"{css}-path"]
+        )
+        self.load_button = pn.widgets.Button(name="Load", button_type="primary", align="end")
         self.load_button.on_click(lambda _e: self.load())
         self.path_input.param.watch(lambda _e: self.load(), "enter_pressed")
-        self.model_select = w.Select(name="Model (heatmaps)", options=[], width=200)
-        self.plan_select = w.Select(name="Plan (heatmaps)", options=[], width=200)
-        self.quality_select = w.Select(name="Quality (Pareto)", options=[], width=200)
-        for sel in (self.model_select, self.plan_select, self.quality_select):
-            sel.param.watch(lambda _e: self.render(), "value")
-        self.message = pn.pane.HTML("", css_classes=["qviz-sweep-message"], width=900)
-        self.heatmaps = pn.Column()
-        self.pareto = pn.Column()
-        self._rendering = False
-        if Path(self.path_input.value).expanduser().is_file():  # the default output, if there
+        self.message = pn.pane.HTML("", css_classes=[f"{css}-message"], width=900)
+
+    def load_if_there(self) -> None:
+        """Load the path in the box if it names a file (the default output, say)."""
+        if Path(self.path_input.value).expanduser().is_file():
             self.load()
 
     def load(self, path: str | None = None) -> bool:
@@ -131,14 +129,59 @@ class SweepTab(pn.viewable.Viewer):
             self.path_input.value = path
         path = self.path_input.value
         try:
-            frame = load_sweep(path)
-        except SweepFileError as err:
-            self._fail(str(err))
-            return False
-        except Exception as err:  # anything else the reader raises: still a message
-            self._fail(f"{path}: cannot read ({type(err).__name__}: {err})")
-            return False
-        self.frame = frame
+            self.frame = self.read(path)
+            self.show(self.frame)
+        except self.file_error as err:
+            return self._fail(str(err))
+        except Exception as err:  # anything else the reader or the figures raise: a message
+            return self._fail(f"{path}: cannot show ({type(err).__name__}: {err})")
+        self.message.object = _line(self.summary(self.frame, path), "qviz-sweep-summary")
+        return True
+
+    def _fail(self, msg: str) -> bool:
+        self.frame = None
+        self.message.object = _line(msg, "qviz-sweep-error")
+        self.clear()
+        return False
+
+    def read(self, path: str) -> pd.DataFrame:
+        raise NotImplementedError
+
+    def show(self, frame: pd.DataFrame) -> None:
+        raise NotImplementedError
+
+    def summary(self, frame: pd.DataFrame, path: str) -> str:
+        raise NotImplementedError
+
+    def clear(self) -> None:
+        raise NotImplementedError
+
+
+class SweepTab(FileTab):
+    """Load a sweep results file; show its heatmaps (one model, one plan) and Pareto chart."""
+
+    file_error = SweepFileError
+
+    def __init__(self, path: str | None = None, **params) -> None:
+        label = "Sweep results file (qviz sweep --out)"
+        super().__init__(path, DEFAULT_OUT, label, "qviz-sweep", **params)
+        w = pn.widgets
+        self.model_select = w.Select(name="Model (heatmaps)", options=[], width=200)
+        self.plan_select = w.Select(name="Plan (heatmaps)", options=[], width=200)
+        self.quality_select = w.Select(name="Quality (Pareto)", options=[], width=200)
+        for sel in (self.model_select, self.plan_select, self.quality_select):
+            sel.param.watch(lambda _e: self.render(), "value")
+        self.heatmaps = pn.Column()
+        self.pareto = pn.Column()
+        self._rendering = False
+        self.load_if_there()
+
+    read = staticmethod(load_sweep)
+    summary = staticmethod(summary)
+
+    def show(self, frame: pd.DataFrame) -> None:
+        """Set the pickers to the frame's models, plans and qualities (keeping valid choices),
+        then draw once."""
         self._rendering = True  # one render after the selectors are set
         try:
             for sel, options in (
@@ -151,9 +194,7 @@ class SweepTab(pn.viewable.Viewer):
                 sel.value = keep if keep is not None else (options[0] if options else None)
         finally:
             self._rendering = False
-        self.message.object = _line(summary(frame, path), "qviz-sweep-summary")
         self.render()
-        return True
 
     def render(self) -> None:
         """Draw the figures of the loaded frame for the selected model, plan and quality."""
@@ -174,9 +215,7 @@ class SweepTab(pn.viewable.Viewer):
         except ValueError as err:  # e.g. the sweep has no mib column
             self.pareto[:] = [_alert(f"Pareto chart: {err}")]
 
-    def _fail(self, msg: str) -> None:
-        self.frame = None
-        self.message.object = _line(msg, "qviz-sweep-error")
+    def clear(self) -> None:
         self.heatmaps[:] = []
         self.pareto[:] = []
 
