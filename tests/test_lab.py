@@ -176,6 +176,24 @@ def test_cka_context_pools_bundled_prompts(lab):
     np.testing.assert_allclose(again.cka.values, cmp.cka.values)
 
 
+@pytest.mark.model
+def test_cka_context_states_equal_one_prompt_forwards(lab):
+    """The context's residual states (its prompts packed end to end in one forward) equal each
+    prompt's own forward, first position left out, under a quantized plan too."""
+    from qviz.probes.capture import capture, packs
+    from qviz.studies.compare import context_prompts, context_resid
+
+    assert packs(lab.model, lab.adapter)
+    plan = QuantPlan.uniform(QuantConfig(bits=3, group_size=128))
+    prompts = context_prompts(5)
+    got = context_resid(lab, plan, prompts)
+    with lab.engine.quantized(plan):
+        want = [capture(lab.model, lab.adapter, lab.encode(p), ("resid",)).resid for p in prompts]
+    want = torch.cat([w[:, 1:] for w in want], dim=1)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=1e-4 * float(want.abs().max()), rtol=1e-4)
+
+
 def _assert_same(a, b, path="cmp", atol=1e-4):
     """Two results equal field by field (arrays to ``atol``), naming the first difference."""
     import dataclasses

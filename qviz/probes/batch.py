@@ -1,4 +1,5 @@
-"""Left-padded batches of prompts, written once (evaluation, logit-lens probabilities)."""
+"""Batches of prompts, written once: left-padded (evaluation, logit-lens probabilities,
+captures) or packed end to end in one row (the CKA context's residual states)."""
 
 from __future__ import annotations
 
@@ -50,3 +51,36 @@ def left_pad(
     if mask.min() == 1:
         return ids, {}
     return ids, {"attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp_min(0)}
+
+
+def token_batches(lengths: Sequence[int], max_tokens: int = 512) -> Iterator[list[int]]:
+    """Indices in order, grouped so that each group's total length is at most ``max_tokens``
+    (a longer one goes alone): the batches of ``pack``, which has no padding to balance."""
+    group: list[int] = []
+    total = 0
+    for i, n in enumerate(lengths):
+        if group and total + n > max_tokens:
+            yield group
+            group, total = [], 0
+        group.append(i)
+        total += n
+    if group:
+        yield group
+
+
+def pack(
+    seqs: Sequence[torch.Tensor], device: torch.device | str | None = None
+) -> tuple[torch.Tensor, dict, list[slice]]:
+    """(input_ids [1, N], forward keywords, one slice of the N positions per sequence) for 1-D
+    token tensors laid end to end in one row, N their total length: no padding. The keywords
+    hold ``position_ids`` restarting at 0 for each sequence and no attention mask,
+    transformers' packed-sequence format, where the causal mask becomes block-diagonal (no
+    sequence sees another; whether a model honours it: ``qviz.probes.capture.packs``)."""
+    if not seqs:
+        raise ValueError("pack needs at least one sequence")
+    device = device if device is not None else seqs[0].device
+    ids = torch.cat([s.reshape(-1) for s in seqs])[None].to(device)
+    pos = torch.cat([torch.arange(len(s)) for s in seqs])[None].to(device)
+    ends = torch.tensor([len(s) for s in seqs]).cumsum(0).tolist()
+    slices = [slice(e - len(s), e) for s, e in zip(seqs, ends, strict=True)]
+    return ids, {"position_ids": pos}, slices

@@ -14,6 +14,7 @@ import ctypes
 import ctypes.util
 import os
 import sys
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from qviz.models.arch import Adapter
-from qviz.probes.batch import left_pad
+from qviz.probes.batch import left_pad, pack
 from qviz.probes.hooks import (
     attached,
     feed_inputs,
@@ -170,9 +171,11 @@ def _capture(
     on_attention: AttentionCallback | None,
     reference: AttentionReference | None,
     forward_kw: dict,
+    logits_at: torch.Tensor | None = None,
 ) -> Capture:
     """One forward of ``input_ids`` [B, W]; the Capture's tensors keep the batch dimension
-    (resid [L+1, B, W, D], logits [B, V], ...)."""
+    (resid [L+1, B, W, D], logits [B, V] at the last position, ...; with ``logits_at``, the
+    positions [K] of a one-row batch whose logits to keep: logits [K, V])."""
     bound_heap()
     bad = set(what) - set(WHAT)
     if bad:
@@ -232,8 +235,10 @@ def _capture(
             if "attn_in" in what:
                 h.pre(attns[i], record("attn_in", i, pre=True))
         with eager_attention(model, want_maps), torch.no_grad():
-            out = model(input_ids, use_cache=False, logits_to_keep=1, **forward_kw)
-    result = Capture(logits=out.logits.detach()[:, -1].float().cpu())
+            keep = 1 if logits_at is None else logits_at
+            out = model(input_ids, use_cache=False, logits_to_keep=keep, **forward_kw)
+    logits = out.logits.detach()
+    result = Capture(logits=(logits[:, -1] if logits_at is None else logits[0]).float().cpu())
     for f in FIELDS:
         if f in what:
             setattr(result, f, slots[f].full(f))
@@ -296,6 +301,53 @@ def capture_batch(
     ids, kw = left_pad(seqs, seqs[0].device)
     batched = _capture(model, adapter, ids, what, on_attention, reference, kw)
     return [_row(batched, b, len(s)) for b, s in enumerate(seqs)]
+
+
+def capture_packed(
+    model: nn.Module,
+    adapter: Adapter,
+    seqs: Sequence[torch.Tensor],
+    what: tuple[str, ...] = ("resid",),
+) -> list[Capture]:
+    """``capture`` of several prompts (1-D token tensors) in one forward of their tokens packed
+    end to end (``pack``: no padding, so fewer tokens through the Linears than a left-padded
+    batch of unequal prompts); one Capture per prompt, equal to its own ``capture`` up to float
+    rounding. Only for a model that ``packs``; no attention maps ("attn", "attn_stats")."""
+    if {"attn", "attn_stats"} & set(what):
+        raise ValueError(f"capture_packed keeps no attention maps; asked for {sorted(what)}")
+    ids, kw, slices = pack(seqs, seqs[0].device)
+    last = torch.tensor([s.stop - 1 for s in slices], device=ids.device)
+    batched = _capture(model, adapter, ids, what, None, None, kw, logits_at=last)
+    caps = []
+    for b, s in enumerate(slices):
+        cap = Capture(logits=batched.logits[b : b + 1].clone())
+        for f in FIELDS:
+            t = getattr(batched, f)
+            if t is not None:
+                setattr(cap, f, t[:, 0, s].clone())
+        caps.append(cap)
+    return caps
+
+
+_PACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def packs(model: nn.Module, adapter: Adapter) -> bool:
+    """Whether ``model`` keeps sequences packed in one row apart (``pack``), checked once per
+    model: the last states of two short sequences packed must equal those of the second alone
+    up to float rounding (a model that ignored the restarting positions would let the second
+    attend to the first, and packed captures would mix prompts)."""
+    hit = _PACKS.get(model)
+    if hit is None:
+        dev = next(model.parameters()).device
+        vocab = int(model.config.vocab_size)
+        a, b = (torch.tensor([11, 23, 5]) % vocab, torch.tensor([7, 31, 2, 19]) % vocab)
+        ids, kw, _ = pack([a, b], dev)
+        both = last_states(model, adapter, ids, **kw)
+        alone = last_states(model, adapter, b[None].to(dev))
+        hit = bool((both - alone).abs().max() <= 1e-4 * alone.abs().max())
+        _PACKS[model] = hit
+    return hit
 
 
 def pad_states(states: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -362,8 +414,10 @@ __all__ = [
     "attention_params",
     "capture",
     "capture_batch",
+    "capture_packed",
     "eager_attention",
     "isolated_outputs",
     "last_states",
+    "packs",
     "pad_states",
 ]

@@ -16,13 +16,15 @@ from qviz import metrics
 from qviz.cancel import check_cancel
 from qviz.data import load_facts
 from qviz.metrics.cka import cka_with_reference
-from qviz.probes.batch import left_pad, length_batches
+from qviz.probes.batch import left_pad, length_batches, token_batches
 from qviz.probes.capture import (
     AttentionReference,
     Capture,
     attention_params,
     capture_batch,
+    capture_packed,
     isolated_outputs,
+    packs,
     pad_states,
 )
 from qviz.quant.config import QuantPlan
@@ -278,19 +280,28 @@ def context_prompts(n: int, exclude: Sequence[str] = ()) -> list[str]:
     return [pool[i] for i in np.linspace(0, len(pool) - 1, n).round().astype(int)]
 
 
-def context_resid(lab: Lab, plan: QuantPlan, prompts: list[str]) -> torch.Tensor:
+def context_resid(
+    lab: Lab, plan: QuantPlan, prompts: list[str], cancel: threading.Event | None = None
+) -> torch.Tensor:
     """Residual states [L+1, N, D] of the context ``prompts`` under ``plan``, each prompt's
-    first (attention-sink) position left out; cached in ``lab`` per (plan, prompts, weights),
-    computed in left-padded batches."""
+    first (attention-sink) position left out; cached in ``lab`` per (plan, prompts, weights).
+    Computed with the prompts packed end to end, one forward per ``BATCH_TOKENS`` real tokens
+    (no padding: at 32 bundled prompts 265 tokens instead of 416), or in left-padded batches
+    for a model that does not keep packed sequences apart; ``cancel`` checked before each."""
     key = ("context", plan, tuple(prompts), weights_key(lab))
     hit = lab._acts.get(key)
     if hit is None:
         seqs = [lab.encode(p)[0] for p in prompts]
+        lengths = [len(x) for x in seqs]
         parts: list[torch.Tensor | None] = [None] * len(seqs)
         with lab.engine.quantized(plan):
-            for batch in length_batches([len(x) for x in seqs], BATCH_TOKENS, PAD_TOKENS):
-                group = [seqs[i] for i in batch]
-                caps = capture_batch(lab.model, lab.adapter, group, ("resid",))
+            if packs(lab.model, lab.adapter):
+                batches, run = token_batches(lengths, BATCH_TOKENS), capture_packed
+            else:
+                batches, run = length_batches(lengths, BATCH_TOKENS, PAD_TOKENS), capture_batch
+            for batch in batches:
+                check_cancel(cancel, "during the CKA context runs")
+                caps = run(lab.model, lab.adapter, [seqs[i] for i in batch], ("resid",))
                 for i, c in zip(batch, caps, strict=True):
                     parts[i] = c.resid[:, 1:]
         hit = Capture(logits=torch.zeros(0), resid=torch.cat(parts, dim=1))
@@ -399,8 +410,9 @@ def _compare(
     if cka_context:
         ctx = context_prompts(cka_context, exclude=prompts)
         check_cancel(cancel, "before the CKA context runs")
-        cka_r = torch.cat([pool(ref, "resid", 1), context_resid(lab, QuantPlan.none(), ctx)], 1)
-        cka_q = torch.cat([pool(qnt, "resid", 1), context_resid(lab, plan, ctx)], 1)
+        ctx_r = context_resid(lab, QuantPlan.none(), ctx, cancel)
+        cka_r = torch.cat([pool(ref, "resid", 1), ctx_r], 1)
+        cka_q = torch.cat([pool(qnt, "resid", 1), context_resid(lab, plan, ctx, cancel)], 1)
     else:
         cka_r, cka_q = ref_res, q_res
     if cka_estimator == "biased":  # one pass, Gram rows in blocks

@@ -7,13 +7,15 @@ import torch
 
 from qviz import QuantConfig, QuantPlan, metrics
 from qviz.models import get_adapter
-from qviz.probes.batch import left_pad, length_batches
+from qviz.probes.batch import left_pad, length_batches, pack, token_batches
 from qviz.probes.capture import (
     AttentionReference,
     attention_params,
     capture,
+    capture_packed,
     isolated_outputs,
     last_states,
+    packs,
 )
 from qviz.quant.engine import engine_for
 from tests.conftest import hook_count, tiny_gpt2, tiny_llama
@@ -135,3 +137,46 @@ def test_length_batches_start_a_new_batch_rather_than_pad_much():
     assert [len(b) for b in length_batches(lengths, 512, max_pad=32)] == [31, 1]
     assert [len(b) for b in length_batches([6, 7, 7, 8], 512, max_pad=3)] == [4]  # 1 + 2
     assert [len(b) for b in length_batches([6, 7, 7, 8], 512, max_pad=2)] == [3, 1]
+
+
+def test_packed_capture_equals_one_prompt_captures(tiny_model):
+    """Prompts packed end to end in one row (no padding) give every prompt the capture of its
+    own one-prompt forward: no prompt sees another, positions restart (a 1-token one too)."""
+    ad = get_adapter(tiny_model)
+    assert packs(tiny_model, ad)
+    seqs = [torch.tensor([3, 1, 4]), torch.tensor([1, 5, 9, 2, 6, 5, 3]), torch.tensor([8])]
+    what = ("resid", "gate", "mlp_out", "attn_in")
+    got = capture_packed(tiny_model, ad, seqs, what)
+    for s, cap in zip(seqs, got, strict=True):
+        want = capture(tiny_model, ad, s[None], what)
+        for f in ("logits", *what):
+            assert getattr(cap, f).shape == getattr(want, f).shape, f
+            torch.testing.assert_close(getattr(cap, f), getattr(want, f), atol=1e-5, rtol=1e-4)
+    r = got[0].resid  # its own memory
+    assert r.untyped_storage().nbytes() == r.numel() * r.element_size()
+    assert hook_count(tiny_model) == 0
+    with pytest.raises(ValueError, match="no attention maps"):
+        capture_packed(tiny_model, ad, seqs, ("resid", "attn_stats"))
+
+
+def test_packs_is_false_for_a_model_that_ignores_the_restarting_positions():
+    """Without its position ids a packed row is one long prompt: the second sequence attends to
+    the first, and ``packs`` must say so (its captures would mix prompts)."""
+    model = tiny_llama(seed=3)
+    h = model.register_forward_pre_hook(
+        lambda m, a, kw: (a, {k: v for k, v in kw.items() if k != "position_ids"}),
+        with_kwargs=True,
+    )
+    try:
+        assert not packs(model, get_adapter(model))
+    finally:
+        h.remove()
+
+
+def test_pack_and_token_batches():
+    ids, kw, slices = pack([torch.tensor([5, 6]), torch.tensor([7]), torch.tensor([8, 9, 4])])
+    assert ids.tolist() == [[5, 6, 7, 8, 9, 4]] and set(kw) == {"position_ids"}
+    assert kw["position_ids"].tolist() == [[0, 1, 0, 0, 1, 2]]
+    assert slices == [slice(0, 2), slice(2, 3), slice(3, 6)]
+    assert list(token_batches([3, 4, 2, 9, 1], max_tokens=7)) == [[0, 1], [2], [3], [4]]
+    assert list(token_batches([], 7)) == []
