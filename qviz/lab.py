@@ -44,8 +44,8 @@ def nbytes(obj) -> int:
     dicts (the size of a cached result for ``ByteLRU``)."""
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
-    if isinstance(obj, np.ndarray):
-        return obj.nbytes
+    if isinstance(obj, np.ndarray) or isinstance(getattr(obj, "nbytes", None), int):
+        return obj.nbytes  # (an object that says its size, e.g. a GramSide)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return sum(nbytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
     if isinstance(obj, dict):

@@ -194,6 +194,30 @@ def test_cka_context_states_equal_one_prompt_forwards(lab):
     torch.testing.assert_close(got, want, atol=1e-4 * float(want.abs().max()), rtol=1e-4)
 
 
+@pytest.mark.model
+def test_isolation_riding_in_the_context_forward_equals_its_own_forward(lab):
+    """The isolation test of the prompt, run as one more packed sequence of the context's
+    forward (each layer fed the reference's input there), equals ``isolated_outputs`` run on
+    the prompt alone, and is what ``compare`` then reports."""
+    from qviz.probes.capture import isolated_outputs
+    from qviz.studies.compare import context_prompts, context_resid, isolation_of, weights_key
+
+    plan = QuantPlan.uniform(QuantConfig(bits=2, group_size=64))
+    prompts = context_prompts(6, exclude=[FRANCE])
+    key = ("isolation", FRANCE, plan, weights_key(lab))
+    assert key not in lab._acts
+    context_resid(lab, plan, prompts, isolate=FRANCE)
+    got = lab._acts.get(key)
+    assert got is not None  # it rode along: no forward of its own
+    ref = lab.activations(FRANCE, QuantPlan.none()).resid
+    with lab.engine.quantized(plan):
+        alone = isolated_outputs(lab.model, lab.adapter, lab.encode(FRANCE), ref[:-1])
+    want = isolation_of(ref, alone, plan.label)
+    for f in ("cosine", "rel_error", "delta_cosine", "delta_rel_error"):
+        np.testing.assert_allclose(getattr(got, f), getattr(want, f), atol=2e-4, err_msg=f)
+    assert got.delta_cosine.min() < 0.99  # 2 bits: a test that can tell layers apart
+
+
 def _assert_same(a, b, path="cmp", atol=1e-4):
     """Two results equal field by field (arrays to ``atol``), naming the first difference."""
     import dataclasses

@@ -12,13 +12,17 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["cka_matrix", "cka_with_reference"]
+__all__ = ["GRAM_BYTES", "GramSide", "cka_matrix", "cka_with_reference"]
 
 Estimator = Literal["biased", "unbiased"]
 
 # a layer counts as zero-variance when HSIC(X, X) <= (rtol * mean_i ||x_i||^2)^2, i.e. its
 # centered second moment is below ~rtol of its raw one: float64 round-off of a constant
 _DEGENERATE_RTOL = 1e-16
+
+# whole flat Gram matrices of one side at most this large (float64 [L, N*N]; at 31 layers up to
+# N ~ 360 samples): built once per layer and kept (``GramSide``), instead of in row blocks
+GRAM_BYTES = 32 << 20
 
 
 def _grams(x: list[Tensor] | Tensor) -> tuple[Tensor, Tensor]:
@@ -130,13 +134,67 @@ def _normalize(cross: Tensor, sx, sy, mx, my, warn: bool = True) -> Tensor:
     return torch.where(bad, torch.zeros_like(cross), cross / torch.where(bad, 1.0, denom))
 
 
-def cka_with_reference(ref: Tensor, quant: Tensor, block: int = 128) -> tuple[Tensor, Tensor]:
+class GramSide:
+    """One side of a biased linear CKA, prepared once and reusable against many others: each
+    layer's centred Gram matrix, flat (float64 [L, N*N], built one layer at a time), its biased
+    self-HSIC [L] and raw second moment [L]; ``self_map()``: its own CKA map [L, L]. For
+    activations [L, N, D] whose Grams fit ``GRAM_BYTES`` (``fits``)."""
+
+    def __init__(self, x: Tensor) -> None:
+        xc = _Centered(x)
+        if xc.n < 2:
+            raise ValueError(f"CKA needs n >= 2 samples, got n={xc.n}")
+        self.n, self.moment, dev = xc.n, xc.moment, xc.x.device
+        self.grams = torch.empty(len(xc), xc.n * xc.n, dtype=torch.float64, device=dev)
+        for i in range(len(xc)):
+            xl = xc.layer(i, dev)
+            torch.matmul(xl, xl.T, out=self.grams[i].view(xc.n, xc.n))
+        d = (xc.n - 1) ** 2
+        self.self_hsic = torch.einsum("ij,ij->i", self.grams, self.grams) / d
+        self._self_map: Tensor | None = None
+
+    @staticmethod
+    def fits(x: Tensor) -> bool:
+        """Whether the Grams of ``x`` [L, N, D] (or [N, D]) fit ``GRAM_BYTES``."""
+        layers = x.shape[0] if x.dim() == 3 else 1
+        return layers * x.shape[-2] ** 2 * 8 <= GRAM_BYTES
+
+    @property
+    def nbytes(self) -> int:
+        return self.grams.numel() * 8
+
+    def against(self, other: GramSide) -> Tensor:
+        """Biased CKA [L_self, L_other] (zero-variance layers: 0, with a RuntimeWarning)."""
+        if other.n != self.n:
+            raise ValueError(f"ref has {self.n} samples but quant has {other.n}")
+        cross = self.grams @ other.grams.to(self.grams.device).T / (self.n - 1) ** 2
+        return _normalize(cross, self.self_hsic, other.self_hsic, self.moment, other.moment)
+
+    def self_map(self) -> Tensor:
+        """Biased CKA of this side against itself [L, L] (computed once)."""
+        if self._self_map is None:
+            cross = self.grams @ self.grams.T / (self.n - 1) ** 2
+            sx, mx = self.self_hsic, self.moment
+            self._self_map = _normalize(cross, sx, sx, mx, mx, warn=False)
+        return self._self_map
+
+
+def cka_with_reference(
+    ref: Tensor | GramSide, quant: Tensor, block: int = 128
+) -> tuple[Tensor, Tensor]:
     """Biased linear CKA of ``ref`` [La, N, D1] against ``quant`` [Lb, N, D2] and of ``ref``
-    against itself, in one pass over row blocks of the Gram matrices (memory O(L block N)).
+    against itself. Both sides' whole Grams built one layer at a time where they fit
+    ``GRAM_BYTES`` (``ref`` may be given prepared: a ``GramSide``, reused across calls), else
+    in one pass over row blocks of the Gram matrices (memory O(L block N)).
 
     Returns (float64 [La, Lb], float64 [La, La]); equal to ``cka_matrix(ref, quant)`` and
     ``cka_matrix(ref, ref)`` up to float64 round-off.
     """
+    if isinstance(ref, GramSide) or (GramSide.fits(ref) and GramSide.fits(quant)):
+        side = ref if isinstance(ref, GramSide) else GramSide(ref)
+        if quant.shape[-2] != side.n:
+            raise ValueError(f"ref has {side.n} samples but quant has {quant.shape[-2]}")
+        return side.against(GramSide(quant)), side.self_map()
     xc, yc = _paired(ref, quant)
     cross, sx, sy, rr = _biased_blocked(xc, yc, block, with_reference=True)
     mx, my = xc.moment, yc.moment

@@ -16,7 +16,7 @@ import os
 import sys
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -308,16 +308,28 @@ def capture_packed(
     adapter: Adapter,
     seqs: Sequence[torch.Tensor],
     what: tuple[str, ...] = ("resid",),
+    logits: bool = True,
+    fed: dict[int, torch.Tensor] | None = None,
 ) -> list[Capture]:
     """``capture`` of several prompts (1-D token tensors) in one forward of their tokens packed
     end to end (``pack``: no padding, so fewer tokens through the Linears than a left-padded
     batch of unequal prompts); one Capture per prompt, equal to its own ``capture`` up to float
-    rounding. Only for a model that ``packs``; no attention maps ("attn", "attn_stats")."""
+    rounding. Only for a model that ``packs``; no attention maps ("attn", "attn_stats").
+
+    ``logits=False``: none computed (each Capture's logits empty [0, V]). ``fed``: {index of a
+    sequence: inputs [L, n, D]} runs that sequence isolated, each decoder layer fed its given
+    input (the "perfect input" test, ``isolated_outputs``): its ``resid[1:]`` are the layers'
+    outputs on those inputs."""
     if {"attn", "attn_stats"} & set(what):
         raise ValueError(f"capture_packed keeps no attention maps; asked for {sorted(what)}")
     ids, kw, slices = pack(seqs, seqs[0].device)
-    last = torch.tensor([s.stop - 1 for s in slices], device=ids.device)
-    batched = _capture(model, adapter, ids, what, None, None, kw, logits_at=last)
+    last = [s.stop - 1 for s in slices] if logits else []
+    layers = adapter.decoder_layers(model)
+    with ExitStack() as stack:
+        for b, inputs in (fed or {}).items():
+            stack.enter_context(feed_inputs(layers, inputs.to(ids.device), at=slices[b]))
+        at = torch.tensor(last, dtype=torch.long, device=ids.device)
+        batched = _capture(model, adapter, ids, what, None, None, kw, logits_at=at)
     caps = []
     for b, s in enumerate(slices):
         cap = Capture(logits=batched.logits[b : b + 1].clone())

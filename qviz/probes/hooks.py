@@ -100,13 +100,20 @@ def record_outputs(
 
 
 @contextmanager
-def feed_inputs(modules: Sequence[nn.Module], inputs: Sequence[torch.Tensor]) -> Iterator[None]:
-    """Each module's hidden-state input replaced by ``inputs[i]`` (cast to its dtype)."""
+def feed_inputs(
+    modules: Sequence[nn.Module], inputs: Sequence[torch.Tensor], at: slice | None = None
+) -> Iterator[None]:
+    """Each module's hidden-state input replaced by ``inputs[i]`` (cast to its dtype); with
+    ``at``, only those positions of it (dim -2), ``inputs[i]`` holding just them."""
 
     def feed(i):
         def pre(mod, args, kwargs):
             x = hidden_in(args, kwargs)
-            return with_hidden_in(args, kwargs, inputs[i].to(x.dtype))
+            if at is None:
+                return with_hidden_in(args, kwargs, inputs[i].to(x.dtype))
+            x = x.clone()  # (the tensor is the previous module's output)
+            x[..., at, :] = inputs[i].to(x.dtype)
+            return with_hidden_in(args, kwargs, x)
 
         return pre
 

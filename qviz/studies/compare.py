@@ -15,7 +15,7 @@ import torch
 from qviz import metrics
 from qviz.cancel import check_cancel
 from qviz.data import load_facts
-from qviz.metrics.cka import cka_with_reference
+from qviz.metrics.cka import GramSide, cka_with_reference
 from qviz.probes.batch import left_pad, length_batches, token_batches
 from qviz.probes.capture import (
     AttentionReference,
@@ -281,31 +281,58 @@ def context_prompts(n: int, exclude: Sequence[str] = ()) -> list[str]:
 
 
 def context_resid(
-    lab: Lab, plan: QuantPlan, prompts: list[str], cancel: threading.Event | None = None
+    lab: Lab,
+    plan: QuantPlan,
+    prompts: list[str],
+    cancel: threading.Event | None = None,
+    isolate: str | None = None,
 ) -> torch.Tensor:
     """Residual states [L+1, N, D] of the context ``prompts`` under ``plan``, each prompt's
     first (attention-sink) position left out; cached in ``lab`` per (plan, prompts, weights).
     Computed with the prompts packed end to end, one forward per ``BATCH_TOKENS`` real tokens
     (no padding: at 32 bundled prompts 265 tokens instead of 416), or in left-padded batches
-    for a model that does not keep packed sequences apart; ``cancel`` checked before each."""
-    key = ("context", plan, tuple(prompts), weights_key(lab))
+    for a model that does not keep packed sequences apart; ``cancel`` checked before each.
+
+    ``isolate``: a prompt whose isolation test under ``plan`` is not cached yet rides along in
+    the last packed forward when it fits (fed the reference's inputs, ``capture_packed``'s
+    ``fed``: a few more tokens instead of a forward of its own), cached as ``isolation_many``
+    caches it."""
+    wkey = weights_key(lab)
+    key = ("context", plan, tuple(prompts), wkey)
     hit = lab._acts.get(key)
-    if hit is None:
-        seqs = [lab.encode(p)[0] for p in prompts]
-        lengths = [len(x) for x in seqs]
-        parts: list[torch.Tensor | None] = [None] * len(seqs)
-        with lab.engine.quantized(plan):
-            if packs(lab.model, lab.adapter):
-                batches, run = token_batches(lengths, BATCH_TOKENS), capture_packed
+    if hit is not None:
+        return hit.resid
+    seqs = [lab.encode(p)[0] for p in prompts]
+    lengths = [len(x) for x in seqs]
+    parts: list[torch.Tensor | None] = [None] * len(seqs)
+    packed = packs(lab.model, lab.adapter)
+    if packed:
+        batches = list(token_batches(lengths, BATCH_TOKENS))
+    else:
+        batches = list(length_batches(lengths, BATCH_TOKENS, PAD_TOKENS))
+    iso_key = ("isolation", isolate, plan, wkey)
+    ref = None
+    if packed and isolate is not None and plan != QuantPlan.none() and iso_key not in lab._acts:
+        ref = activations(lab, isolate, QuantPlan.none()).resid
+        if sum(lengths[i] for i in batches[-1]) + ref.shape[1] > BATCH_TOKENS:
+            ref = None
+    with lab.engine.quantized(plan):
+        for j, batch in enumerate(batches):
+            check_cancel(cancel, "during the CKA context runs")
+            group = [seqs[i] for i in batch]
+            if not packed:
+                caps = capture_batch(lab.model, lab.adapter, group, ("resid",))
+            elif ref is None or j < len(batches) - 1:
+                caps = capture_packed(lab.model, lab.adapter, group, ("resid",), logits=False)
             else:
-                batches, run = length_batches(lengths, BATCH_TOKENS, PAD_TOKENS), capture_batch
-            for batch in batches:
-                check_cancel(cancel, "during the CKA context runs")
-                caps = run(lab.model, lab.adapter, [seqs[i] for i in batch], ("resid",))
-                for i, c in zip(batch, caps, strict=True):
-                    parts[i] = c.resid[:, 1:]
-        hit = Capture(logits=torch.zeros(0), resid=torch.cat(parts, dim=1))
-        lab._acts.put(key, hit)
+                group.append(lab.encode(isolate)[0])
+                fed = {len(batch): ref[:-1]}
+                caps = capture_packed(lab.model, lab.adapter, group, ("resid",), False, fed)
+                lab._acts.put(iso_key, isolation_of(ref, caps.pop().resid[1:], plan.label))
+            for i, c in zip(batch, caps, strict=True):
+                parts[i] = c.resid[:, 1:]
+    hit = Capture(logits=torch.zeros(0), resid=torch.cat(parts, dim=1))
+    lab._acts.put(key, hit)
     return hit.resid
 
 
@@ -411,12 +438,20 @@ def _compare(
         ctx = context_prompts(cka_context, exclude=prompts)
         check_cancel(cancel, "before the CKA context runs")
         ctx_r = context_resid(lab, QuantPlan.none(), ctx, cancel)
+        ctx_q = context_resid(lab, plan, ctx, cancel, isolate=prompts[0] if isolation else None)
         cka_r = torch.cat([pool(ref, "resid", 1), ctx_r], 1)
-        cka_q = torch.cat([pool(qnt, "resid", 1), context_resid(lab, plan, ctx, cancel)], 1)
+        cka_q = torch.cat([pool(qnt, "resid", 1), ctx_q], 1)
     else:
         cka_r, cka_q = ref_res, q_res
-    if cka_estimator == "biased":  # one pass, Gram rows in blocks
-        values, self_map = cka_with_reference(cka_r, cka_q)
+    if cka_estimator == "biased":
+        ref_side = cka_r
+        if GramSide.fits(cka_r):  # the reference's Grams: once per prompt set, not per plan
+            side_key = ("cka reference", tuple(prompts), s, cka_context, weights_key(lab))
+            ref_side = lab._acts.get(side_key)
+            if ref_side is None:
+                ref_side = GramSide(cka_r)
+                lab._acts.put(side_key, ref_side)
+        values, self_map = cka_with_reference(ref_side, cka_q)
     else:
         values = metrics.cka_matrix(cka_r, cka_q, estimator=cka_estimator)
         self_map = metrics.cka_matrix(cka_r, cka_r, estimator=cka_estimator)

@@ -112,14 +112,27 @@ def test_bad_inputs():
         cka_matrix(torch.randn(1, 8, 2), torch.randn(1, 9, 2))
 
 
-def test_blocked_grams_and_reference_map_match_numpy():
-    """More samples than one row block (128): the blocked biased path against numpy loops."""
+@pytest.mark.parametrize("gram_bytes", [0, 32 << 20], ids=["row-blocks", "whole-grams"])
+def test_blocked_grams_and_reference_map_match_numpy(monkeypatch, gram_bytes):
+    """More samples than one row block (128): the blocked biased path (Grams too large to keep)
+    and the whole-Gram one (``GramSide``, also given prepared) against numpy loops."""
     from qviz.metrics import cka as cka_mod
 
+    monkeypatch.setattr(cka_mod, "GRAM_BYTES", gram_bytes)
     gen = torch.Generator().manual_seed(3)
     ref = torch.randn(3, 300, 6, generator=gen)
     quant = ref + 0.8 * torch.randn(3, 300, 6, generator=gen)
     got, self_map = cka_mod.cka_with_reference(ref, quant)
+    if gram_bytes:
+        side = cka_mod.GramSide(ref)
+        for _ in range(2):  # reused
+            again, again_self = cka_mod.cka_with_reference(side, quant)
+            torch.testing.assert_close(again, got, atol=1e-12, rtol=0)
+            torch.testing.assert_close(again_self, self_map, atol=1e-12, rtol=0)
+        with pytest.raises(ValueError, match="300 samples but quant has 299"):
+            cka_mod.cka_with_reference(side, quant[:, :299])
+    else:
+        assert not cka_mod.GramSide.fits(ref)
     want = np.array(
         [[np_cka(r.double().numpy(), q.double().numpy(), "biased") for q in quant] for r in ref]
     )
