@@ -195,18 +195,25 @@ def test_cka_context_states_equal_one_prompt_forwards(lab):
 
 
 @pytest.mark.model
-def test_isolation_riding_in_the_context_forward_equals_its_own_forward(lab):
-    """The isolation test of the prompt, run as one more packed sequence of the context's
-    forward (each layer fed the reference's input there), equals ``isolated_outputs`` run on
+@pytest.mark.parametrize("ride", ["context", "row"])
+def test_isolation_riding_in_another_forward_equals_its_own_forward(lab, ride):
+    """The isolation test of the prompt, run inside another forward -- as one more packed
+    sequence of the CKA context's forward, or as one more row of the quantized capture's
+    batch -- each layer fed the reference's input there, equals ``isolated_outputs`` run on
     the prompt alone, and is what ``compare`` then reports."""
     from qviz.probes.capture import isolated_outputs
     from qviz.studies.compare import context_prompts, context_resid, isolation_of, weights_key
 
-    plan = QuantPlan.uniform(QuantConfig(bits=2, group_size=64))
-    prompts = context_prompts(6, exclude=[FRANCE])
+    bits = 2 if ride == "context" else 3
+    plan = QuantPlan.uniform(QuantConfig(bits=bits, group_size=64))
     key = ("isolation", FRANCE, plan, weights_key(lab))
     assert key not in lab._acts
-    context_resid(lab, plan, prompts, isolate=FRANCE)
+    if ride == "context":
+        context_resid(lab, plan, context_prompts(6, exclude=[FRANCE]), isolate=FRANCE)
+    else:
+        from qviz.studies.compare import activations_many
+
+        activations_many(lab, [FRANCE], plan, isolate=FRANCE)
     got = lab._acts.get(key)
     assert got is not None  # it rode along: no forward of its own
     ref = lab.activations(FRANCE, QuantPlan.none()).resid
@@ -215,7 +222,9 @@ def test_isolation_riding_in_the_context_forward_equals_its_own_forward(lab):
     want = isolation_of(ref, alone, plan.label)
     for f in ("cosine", "rel_error", "delta_cosine", "delta_rel_error"):
         np.testing.assert_allclose(getattr(got, f), getattr(want, f), atol=2e-4, err_msg=f)
-    assert got.delta_cosine.min() < 0.99  # 2 bits: a test that can tell layers apart
+    assert got.delta_cosine.min() < 0.99  # a test that can tell layers apart
+    cmp = lab.compare(FRANCE, " Paris", plan)  # reports the cached test
+    np.testing.assert_allclose(cmp.isolation.delta_cosine, want.delta_cosine, atol=2e-4)
 
 
 def _assert_same(a, b, path="cmp", atol=1e-4):

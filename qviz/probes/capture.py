@@ -172,10 +172,14 @@ def _capture(
     reference: AttentionReference | None,
     forward_kw: dict,
     logits_at: torch.Tensor | None = None,
+    feeds: Sequence[tuple[object, torch.Tensor]] = (),
 ) -> Capture:
     """One forward of ``input_ids`` [B, W]; the Capture's tensors keep the batch dimension
     (resid [L+1, B, W, D], logits [B, V] at the last position, ...; with ``logits_at``, the
-    positions [K] of a one-row batch whose logits to keep: logits [K, V])."""
+    positions [K] of a one-row batch whose logits to keep: logits [K, V]). ``feeds``: (index
+    into the hidden states [B, W, D], inputs [L, ...]) pairs, each decoder layer's input there
+    replaced by its given one (``feed_inputs``; the "perfect input" test of a row or a packed
+    sequence, whose captured ``resid[1:]`` are then the layers' outputs on those inputs)."""
     bound_heap()
     bad = set(what) - set(WHAT)
     if bad:
@@ -220,7 +224,9 @@ def _capture(
         return pre_hook if pre else post_hook
 
     want_maps = "attn" in what or "attn_stats" in what
-    with attached() as h:
+    with ExitStack() as stack, attached() as h:
+        for at, inputs in feeds:  # (registered first: the capture's hooks see the fed input)
+            stack.enter_context(feed_inputs(layers, inputs.to(input_ids.device), at=at))
         if "resid" in what:
             h.pre(layers[0], record("resid", 0, pre=True))
         for i, layer in enumerate(layers):
@@ -290,16 +296,20 @@ def capture_batch(
     what: tuple[str, ...] = DEFAULT,
     on_attention: AttentionCallback | None = None,
     reference: AttentionReference | None = None,
+    fed: dict[int, torch.Tensor] | None = None,
 ) -> list[Capture]:
     """``capture`` of several prompts (1-D token tensors) in one left-padded forward; one
     Capture per prompt, padding dropped, equal to its own ``capture`` up to float rounding.
+    ``fed``: {row: inputs [L, n_b, D]} runs that row isolated (see ``capture_packed``).
 
     ``on_attention(layer, probs [B, H, W, W], ref_probs or None)``: row b's own maps are
     ``probs[b, :, W - n_b:, W - n_b:]`` (n_b its length). ``reference.inputs``: [L, B, W, D],
     left-padded like the batch (``pad_states``).
     """
     ids, kw = left_pad(seqs, seqs[0].device)
-    batched = _capture(model, adapter, ids, what, on_attention, reference, kw)
+    width = ids.shape[1]
+    feeds = [((b, slice(width - len(seqs[b]), None)), x) for b, x in (fed or {}).items()]
+    batched = _capture(model, adapter, ids, what, on_attention, reference, kw, feeds=feeds)
     return [_row(batched, b, len(s)) for b, s in enumerate(seqs)]
 
 
@@ -324,12 +334,9 @@ def capture_packed(
         raise ValueError(f"capture_packed keeps no attention maps; asked for {sorted(what)}")
     ids, kw, slices = pack(seqs, seqs[0].device)
     last = [s.stop - 1 for s in slices] if logits else []
-    layers = adapter.decoder_layers(model)
-    with ExitStack() as stack:
-        for b, inputs in (fed or {}).items():
-            stack.enter_context(feed_inputs(layers, inputs.to(ids.device), at=slices[b]))
-        at = torch.tensor(last, dtype=torch.long, device=ids.device)
-        batched = _capture(model, adapter, ids, what, None, None, kw, logits_at=at)
+    at = torch.tensor(last, dtype=torch.long, device=ids.device)
+    feeds = [((0, slices[b]), inputs) for b, inputs in (fed or {}).items()]
+    batched = _capture(model, adapter, ids, what, None, None, kw, logits_at=at, feeds=feeds)
     caps = []
     for b, s in enumerate(slices):
         cap = Capture(logits=batched.logits[b : b + 1].clone())

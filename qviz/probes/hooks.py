@@ -101,10 +101,11 @@ def record_outputs(
 
 @contextmanager
 def feed_inputs(
-    modules: Sequence[nn.Module], inputs: Sequence[torch.Tensor], at: slice | None = None
+    modules: Sequence[nn.Module], inputs: Sequence[torch.Tensor], at=None
 ) -> Iterator[None]:
     """Each module's hidden-state input replaced by ``inputs[i]`` (cast to its dtype); with
-    ``at``, only those positions of it (dim -2), ``inputs[i]`` holding just them."""
+    ``at``, an index into the hidden states [B, T, D] (``1``: batch row 1; ``(0, slice(s,
+    e))``: positions s:e of row 0), only that part, ``inputs[i]`` holding just it."""
 
     def feed(i):
         def pre(mod, args, kwargs):
@@ -112,7 +113,7 @@ def feed_inputs(
             if at is None:
                 return with_hidden_in(args, kwargs, inputs[i].to(x.dtype))
             x = x.clone()  # (the tensor is the previous module's output)
-            x[..., at, :] = inputs[i].to(x.dtype)
+            x[at] = inputs[i].to(x.dtype)
             return with_hidden_in(args, kwargs, x)
 
         return pre

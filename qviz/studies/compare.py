@@ -110,8 +110,12 @@ def _stats_of(lengths: list[int], ent: list, js: list, ref_maps: list | None = N
     return stats
 
 
-def _capture_batch(lab: Lab, prompts: list[str], plan: QuantPlan, key: tuple) -> list[Capture]:
-    """One left-padded forward of ``prompts`` under ``plan`` (see ``activations``)."""
+def _capture_batch(
+    lab: Lab, prompts: list[str], plan: QuantPlan, key: tuple, isolate: str | None = None
+) -> list[Capture]:
+    """One left-padded forward of ``prompts`` under ``plan`` (see ``activations``); the
+    isolation test of ``isolate`` rides along as one more row when it widens nothing (see
+    ``activations_many``)."""
     seqs = [lab.encode(p)[0] for p in prompts]
     lengths = [len(s) for s in seqs]
     n, h = lab.n_layers, lab.model.config.num_attention_heads
@@ -148,10 +152,26 @@ def _capture_batch(lab: Lab, prompts: list[str], plan: QuantPlan, key: tuple) ->
                 for r in refs
             ]  # (a short one's zeros are never read: its kept maps are)
             reference = AttentionReference(ins[0] if len(ins) == 1 else pad_states(ins), params)
+        fed, iso_ref = None, None
+        if isolate is not None and reference is None:
+            iso_ref = activations(lab, isolate, QuantPlan.none())
+            n_iso = iso_ref.resid.shape[1]
+            if iso_ref.attn is not None and n_iso <= max(lengths):  # a row that widens nothing
+                seqs.append(lab.encode(isolate)[0])
+                lengths.append(n_iso)
+                ref_maps.append(iso_ref.attn)
+                ent.append(np.zeros((n, h), dtype=np.float32))
+                js.append(np.zeros((n, h), dtype=np.float32))
+                fed = {len(seqs) - 1: iso_ref.resid[:-1]}
         stats = _stats_of(lengths, ent, js, ref_maps)
         with lab.engine.quantized(plan):
             caps = capture_batch(
-                lab.model, lab.adapter, seqs, on_attention=stats, reference=reference
+                lab.model, lab.adapter, seqs, on_attention=stats, reference=reference, fed=fed
+            )
+        if fed is not None:
+            out = caps.pop().resid[1:]
+            lab._acts.put(
+                ("isolation", isolate, plan, key), isolation_of(iso_ref.resid, out, plan.label)
             )
     for b, cap in enumerate(caps):
         cap.extra["entropy"] = torch.from_numpy(ent[b])
@@ -162,12 +182,22 @@ def _capture_batch(lab: Lab, prompts: list[str], plan: QuantPlan, key: tuple) ->
 
 
 def activations_many(
-    lab: Lab, prompts: Sequence[str], plan: QuantPlan, max_tokens: int = BATCH_TOKENS
+    lab: Lab,
+    prompts: Sequence[str],
+    plan: QuantPlan,
+    max_tokens: int = BATCH_TOKENS,
+    isolate: str | None = None,
 ) -> list[Capture]:
     """``activations`` of each prompt; the ones not cached run in left-padded batches of at
     most ``max_tokens`` padded tokens, a new batch rather than pad the rows already in one by
     more than ``PAD_TOKENS`` at once (one forward per batch, equal to one-prompt forwards up to
-    float rounding)."""
+    float rounding).
+
+    ``isolate``: a prompt whose isolation test under ``plan`` (``isolation_many``) is not
+    cached yet rides along in the first batch as one more row, fed the reference's inputs,
+    when the reference keeps its attention maps and the row widens nothing (a forward saved:
+    short prompts cost a forward's weight reads whatever their rows); cached as
+    ``isolation_many`` caches it."""
     key = weights_key(lab)
     found: dict[str, Capture] = {}
     for p in dict.fromkeys(prompts):
@@ -176,9 +206,15 @@ def activations_many(
             found[p] = cap
     missing = [p for p in dict.fromkeys(prompts) if p not in found]
     lengths = [lab.encode(p).shape[1] for p in missing]
+    if isolate is not None and (
+        plan == QuantPlan.none() or ("isolation", isolate, plan, key) in lab._acts
+    ):
+        isolate = None
     for batch in length_batches(lengths, max_tokens, PAD_TOKENS):
         group = [missing[i] for i in batch]
-        for p, cap in zip(group, _capture_batch(lab, group, plan, key), strict=True):
+        caps = _capture_batch(lab, group, plan, key, isolate)
+        isolate = None
+        for p, cap in zip(group, caps, strict=True):
             lab._acts.put((p, plan), cap)
             found[p] = cap
     return [found[p] for p in prompts]
@@ -426,7 +462,7 @@ def _compare(
     check_cancel(cancel, "before the reference run")
     ref = activations_many(lab, prompts, QuantPlan.none())
     check_cancel(cancel, "before the quantized run")
-    qnt = activations_many(lab, prompts, plan)
+    qnt = activations_many(lab, prompts, plan, isolate=prompts[0] if isolation else None)
     s = 1 if drop_first else 0
 
     def pool(caps, field, start=s):  # one prompt: a view, no copy
