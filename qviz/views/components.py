@@ -398,6 +398,7 @@ def verdict_card_html(state: DashboardState) -> str:
             cmp.verdict if cmp is not None else None,
             cmp.plan_label if cmp is not None else "",
             text.layer_summary(cmp, state.selected_layer),
+            computing=cmp is not None and cmp.verdict is None,  # a first look
         )
         return head + text.stale_badge(note) + html
 

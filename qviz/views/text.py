@@ -56,13 +56,21 @@ MODE_COLORS = {
 }
 
 
-def verdict_html(verdict: Verdict | None, plan_label: str = "", layer_line: str = "") -> str:
+def verdict_html(
+    verdict: Verdict | None, plan_label: str = "", layer_line: str = "", computing: bool = False
+) -> str:
     """The verdict card's HTML: the mode in a coloured badge, the rule's own sentence (or its
     warning when the reference misses the target) and a table of its signs: human label,
-    measured value, threshold, seen or not (``qviz.metrics.verdict``)."""
+    measured value, threshold, seen or not (``qviz.metrics.verdict``). No verdict: "no result
+    yet", or with ``computing`` (a first look: the prompt's views shown, its evidence still
+    running) that it is being computed, for ``plan_label``."""
     if verdict is None:
+        words = "verdict computing ..." if computing else "no result yet"
+        plan = f'<div class="qviz-plan">plan: {html.escape(plan_label)}</div>' if plan_label else ""
+        data = ' data-mode="computing"' if computing else ""
         return (
-            '<div class="qviz-verdict"><span class="qviz-verdict-mode">no result yet</span></div>'
+            f'<div class="qviz-verdict"{data}><span class="qviz-verdict-mode">{words}</span>'
+            f"{plan}</div>"
         )
     color = MODE_COLORS.get(verdict.mode, "#555555")
     rows = []

@@ -12,6 +12,7 @@ import pytest
 import qviz
 from qviz.cancel import check_cancel
 from qviz.views.backend import CKA_CONTEXT, Backend, is_first_look, plan_for
+from qviz.views.components import verdict_card_html
 from qviz.views.session import Controller
 from qviz.views.state import DashboardState
 from tests.conftest import CharTokenizer, tiny_llama
@@ -80,6 +81,8 @@ def test_a_new_plan_shows_the_prompt_views_first_then_the_pooled_cka_and_verdict
     assert first.verdict is None and np.isnan(first.cka.values).all()
     assert first.cka.values.shape == ref.cka.values.shape and first.cka.difference is None
     assert "computing" in first.cka.how and f"{1 + CKA_CONTEXT} prompts" in first.cka.how
+    card = verdict_card_html(tiny_state(bits=3, comparison=first))
+    assert "verdict computing" in card and ref.plan_label in card and "no result" not in card
     for got in (first, full):
         np.testing.assert_allclose(got.lens.quantized.prob, ref.lens.quantized.prob, atol=1e-6)
         np.testing.assert_allclose(got.ffn.flip_rate, ref.ffn.flip_rate, atol=1e-6)
