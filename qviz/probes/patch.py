@@ -18,6 +18,7 @@ tokens per forward.
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -189,6 +190,10 @@ def _fast_grid(
     for c in cells:
         by_t.setdefault(c[1], []).append(c)
     dtype, device = base.resid.dtype, base.resid.device
+    # transformers >= 5.2x names a decoder layer's cache argument "cache" ("past_key_values"
+    # warns that it goes away); older ones only know "past_key_values"
+    params = inspect.signature(type(layers[0]).forward).parameters
+    cache_kw = "cache" if "cache" in params else "past_key_values"
     for t, group in sorted(by_t.items()):
         q = n_tok - t
         pos = torch.arange(t, n_tok, device=device)[None]
@@ -224,8 +229,8 @@ def _fast_grid(
                             h,
                             attention_mask=mask,
                             position_ids=pos,
-                            past_key_values=prefix,
                             use_cache=False,
+                            **{cache_kw: prefix},
                             position_embeddings=cos_sin,
                         )
                     )

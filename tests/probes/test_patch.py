@@ -110,6 +110,7 @@ def _top1(lab, prompt):
         return int(lab.model(lab.encode(prompt), use_cache=False).logits[0, -1].argmax())
 
 
+@pytest.mark.filterwarnings("error::FutureWarning")  # (a deprecated cache argument: no)
 @pytest.mark.parametrize("direction", ["restore", "corrupt"])
 @pytest.mark.parametrize("component", COMPONENTS)
 def test_batched_grid_equals_per_cell_tiny(tiny_lab, component, direction):
