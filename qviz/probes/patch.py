@@ -109,7 +109,8 @@ def run_cache(
             out = model(input_ids, use_cache=kv)
     cache = None
     if kv:
-        pkv = out.past_key_values
+        # (outputs of transformers >= 5.2x name it "cache"; reading past_key_values warns)
+        pkv = out.cache if "cache" in out else out.past_key_values
         cache = [(lay.keys, lay.values) for lay in pkv.layers]
     prob = float(_target_prob(out.logits[:, -1], target_id)[0])
     return RunCache(
