@@ -176,6 +176,27 @@ def test_cka_context_pools_bundled_prompts(lab):
     np.testing.assert_allclose(again.cka.values, cmp.cka.values)
 
 
+def test_the_packing_probe_runs_under_the_engine_lock(monkeypatch):
+    """``packs`` probes with a forward that hooks the shared model: run outside the engine's
+    lock, a served session's probe once met another session's forward (their hooks crossed:
+    "size of tensor a (4) must match ... (261)") and a page stayed empty."""
+    from qviz.probes.capture import packs
+    from qviz.studies import compare as compare_mod
+    from tests.conftest import CharTokenizer, tiny_llama
+
+    lab = Lab(tiny_llama(seed=5), CharTokenizer(), name="tiny")
+    owned = []
+
+    def spy(model, adapter):
+        owned.append(lab.engine.lock._is_owned())
+        return packs(model, adapter)
+
+    monkeypatch.setattr(compare_mod, "packs", spy)
+    plan = QuantPlan.uniform(QuantConfig(bits=3, group_size=32))
+    compare_mod.context_resid(lab, plan, ["abc", "defgh"])
+    assert owned == [True]
+
+
 @pytest.mark.model
 def test_cka_context_states_equal_one_prompt_forwards(lab):
     """The context's residual states (its prompts packed end to end in one forward) equal each

@@ -355,7 +355,8 @@ def packs(model: nn.Module, adapter: Adapter) -> bool:
     """Whether ``model`` keeps sequences packed in one row apart (``pack``), checked once per
     model: the last states of two short sequences packed must equal those of the second alone
     up to float rounding (a model that ignored the restarting positions would let the second
-    attend to the first, and packed captures would mix prompts)."""
+    attend to the first, and packed captures would mix prompts). Its probe forward hooks the
+    model: call it where no other thread runs one (e.g. holding the model's engine lock)."""
     hit = _PACKS.get(model)
     if hit is None:
         dev = next(model.parameters()).device

@@ -341,7 +341,8 @@ def context_resid(
     seqs = [lab.encode(p)[0] for p in prompts]
     lengths = [len(x) for x in seqs]
     parts: list[torch.Tensor | None] = [None] * len(seqs)
-    packed = packs(lab.model, lab.adapter)
+    with lab.engine.lock:  # (its probe forward hooks the shared model: no other forward now)
+        packed = packs(lab.model, lab.adapter)
     if packed:
         batches = list(token_batches(lengths, BATCH_TOKENS))
     else:
