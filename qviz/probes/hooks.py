@@ -101,7 +101,9 @@ def record_outputs(
 
 @contextmanager
 def feed_inputs(
-    modules: Sequence[nn.Module], inputs: Sequence[torch.Tensor], at=None
+    modules: Sequence[nn.Module],
+    inputs: Sequence[torch.Tensor],
+    at: int | slice | tuple | None = None,
 ) -> Iterator[None]:
     """Each module's hidden-state input replaced by ``inputs[i]`` (cast to its dtype); with
     ``at``, an index into the hidden states [B, T, D] (``1``: batch row 1; ``(0, slice(s,

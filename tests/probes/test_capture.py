@@ -107,6 +107,18 @@ def test_left_padding_changes_nothing():
     assert list(length_batches([5, 1, 3], max_tokens=6)) == [[1, 2], [0]]
 
 
+def _assert_each_is_its_own_capture(model, ad, seqs, got, what) -> None:
+    """Each of ``got`` equals the one-prompt ``capture`` of its sequence, in its own memory
+    (not a view keeping the whole batch alive)."""
+    for s, cap in zip(seqs, got, strict=True):
+        want = capture(model, ad, s[None], what)
+        for f in ("logits", *what):
+            assert getattr(cap, f).shape == getattr(want, f).shape, f
+            torch.testing.assert_close(getattr(cap, f), getattr(want, f), atol=1e-5, rtol=1e-4)
+    r = got[0].resid
+    assert r.untyped_storage().nbytes() == r.numel() * r.element_size()
+
+
 def test_capture_batch_equals_one_prompt_captures(tiny_model):
     """A left-padded batch gives every prompt the capture (and attention maps, and isolated
     outputs) of its own one-prompt forward, the padding dropped."""
@@ -116,13 +128,7 @@ def test_capture_batch_equals_one_prompt_captures(tiny_model):
     seqs = [torch.tensor([3, 1, 4]), torch.tensor([1, 5, 9, 2, 6, 5, 3]), torch.tensor([2, 7])]
     what = ("resid", "attn", "gate", "mlp_out", "attn_in")
     batch = capture_batch(tiny_model, ad, seqs, what)
-    for s, got in zip(seqs, batch, strict=True):
-        want = capture(tiny_model, ad, s[None], what)
-        for f in ("logits", *what):
-            assert getattr(got, f).shape == getattr(want, f).shape, f
-            torch.testing.assert_close(getattr(got, f), getattr(want, f), atol=1e-5, rtol=1e-4)
-    r = batch[0].resid  # its own memory, not a view keeping the whole batch alive
-    assert r.untyped_storage().nbytes() == r.numel() * r.element_size()
+    _assert_each_is_its_own_capture(tiny_model, ad, seqs, batch, what)
     ids, kw = left_pad(seqs)
     outs = isolated_outputs(tiny_model, ad, ids, pad_states([c.resid[:-1] for c in batch]), **kw)
     for b, (s, c) in enumerate(zip(seqs, batch, strict=True)):
@@ -147,13 +153,7 @@ def test_packed_capture_equals_one_prompt_captures(tiny_model):
     seqs = [torch.tensor([3, 1, 4]), torch.tensor([1, 5, 9, 2, 6, 5, 3]), torch.tensor([8])]
     what = ("resid", "gate", "mlp_out", "attn_in")
     got = capture_packed(tiny_model, ad, seqs, what)
-    for s, cap in zip(seqs, got, strict=True):
-        want = capture(tiny_model, ad, s[None], what)
-        for f in ("logits", *what):
-            assert getattr(cap, f).shape == getattr(want, f).shape, f
-            torch.testing.assert_close(getattr(cap, f), getattr(want, f), atol=1e-5, rtol=1e-4)
-    r = got[0].resid  # its own memory
-    assert r.untyped_storage().nbytes() == r.numel() * r.element_size()
+    _assert_each_is_its_own_capture(tiny_model, ad, seqs, got, what)
     assert hook_count(tiny_model) == 0
     with pytest.raises(ValueError, match="no attention maps"):
         capture_packed(tiny_model, ad, seqs, ("resid", "attn_stats"))
