@@ -64,9 +64,9 @@ def verdict_html(
     measured value, threshold, seen or not (``qviz.metrics.verdict``). No verdict: "no result
     yet", or with ``computing`` (a first look: the prompt's views shown, its evidence still
     running) that it is being computed, for ``plan_label``."""
+    plan = f'<div class="qviz-plan">plan: {html.escape(plan_label)}</div>' if plan_label else ""
     if verdict is None:
         words = "verdict computing ..." if computing else "no result yet"
-        plan = f'<div class="qviz-plan">plan: {html.escape(plan_label)}</div>' if plan_label else ""
         data = ' data-mode="computing"' if computing else ""
         return (
             f'<div class="qviz-verdict"{data}><span class="qviz-verdict-mode">{words}</span>'
@@ -86,7 +86,6 @@ def verdict_html(
         )
     head = "<tr><th>sign</th><th>measured</th><th>threshold</th><th></th></tr>"
     words = verdict.warning or verdict.sentence
-    plan = f'<div class="qviz-plan">plan: {html.escape(plan_label)}</div>' if plan_label else ""
     extra = f'<div class="qviz-layer">{html.escape(layer_line)}</div>' if layer_line else ""
     return (
         f'<div class="qviz-verdict" data-mode="{html.escape(verdict.mode)}">'
